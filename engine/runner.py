@@ -1,0 +1,385 @@
+"""The overlapped executor: plan -> Stage I -> Stage II -> sink.
+
+Two workers joined by a bounded queue (DESIGN.md, "Data, as it flows"):
+
+* Stage I (a thread): takes pose windows from the scheduler as their audio arrives, runs the SMGA audio condition and
+  pose diffusion, blends the seam with the previous window, draws pose frames and motion masks and computes the
+  MM-HAA audio tokens; one ``PoseWindow`` per window (its emitted frames only) goes into the queue.
+* Stage II (the calling thread): cuts the pose frames into fixed-size render chunks, denoises each chunk with the
+  final latents of its overlap frames taken over from the previous chunk, decodes the new frames and hands them to
+  the sink at once as a ``FrameBatch``.
+
+So Stage I of window k+1 runs while Stage II renders window k, and frames leave chunk by chunk. Every run records
+first-frame latency, real-time factor, per-stage times and a timeline of stage events (``RunReport``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from mmgt import keypoints as K
+from mmgt import pipeline as P
+from mmgt.config import AUDIO_SAMPLE_RATE, FPS
+from mmgt.smga import continue_from
+
+from .scheduler import StreamChunkPlanner, StreamPlanner, Window, crossfade_weights, frames_for_samples, plan_windows
+from .settings import OFFLINE, RenderSettings
+from .types import AudioChunk, FrameBatch, FrameSink, PoseWindow, RunMeta
+
+log = logging.getLogger(__name__)
+
+_DONE = object()  # end-of-stream marker in the Stage I -> Stage II queue
+
+
+class RenderCancelled(RuntimeError):
+    """The run was stopped (``Runner.stop()`` or Ctrl-C); the sink was closed without committing."""
+
+
+@dataclass
+class StageEvent:
+    """One unit of work on the timeline: which stage, which window/chunk, when (seconds since run start)."""
+
+    stage: str  # "stage1" (a pose window) | "stage2" (a render chunk) | "sink" (frames handed over)
+    index: int  # window or chunk index
+    start: float
+    end: float
+    frames: int = 0  # frames produced (stage1: emitted poses; stage2/sink: decoded frames)
+
+
+@dataclass
+class RunReport:
+    """Metrics of one run (also written as JSON by ``--metrics-json``)."""
+
+    frames: int = 0  # frames handed to the sink
+    media_seconds: float = 0.0  # frames / fps
+    audio_seconds: float = 0.0  # audio consumed
+    wall_seconds: float = 0.0  # run start -> last frame out
+    real_time_factor: float = 0.0  # media seconds produced per wall second (>= 1: faster than real time)
+    first_frame_latency: float = 0.0  # seconds from the first window's audio being available to the first frame out
+    stage1_seconds: float = 0.0  # busy time of Stage I (audio features, SMGA, drawing, masks, audio tokens)
+    stage2_seconds: float = 0.0  # busy time of Stage II (denoising + decode)
+    decode_seconds: float = 0.0  # part of stage2_seconds spent in the VAE
+    windows: int = 0  # pose windows run
+    chunks: int = 0  # render chunks run
+    av_offset_ms: float = 0.0  # |video duration - audio duration| in ms (offline) or last-frame offset (live)
+    frames_dropped: int = 0  # frames a sink dropped (reported by sinks that drop)
+    settings: Dict = field(default_factory=dict)
+    preset: str = ""
+    trained: bool = True
+    note: str = ""
+    events: List[StageEvent] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.frames} frames ({self.media_seconds:.2f} s) in {self.wall_seconds:.2f} s: "
+                f"RTF {self.real_time_factor:.2f}, {self.frames / max(self.wall_seconds, 1e-9):.1f} fps, "
+                f"first frame {self.first_frame_latency * 1000:.0f} ms, stage I {self.stage1_seconds:.2f} s, "
+                f"stage II {self.stage2_seconds:.2f} s")
+
+    def to_json(self, path) -> None:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(p)
+
+
+class _AudioBuffer:
+    """Audio received so far on the sample clock; reads past the end are zero-padded."""
+
+    def __init__(self, samples: Optional[np.ndarray] = None):
+        self._parts: List[np.ndarray] = [] if samples is None else [np.asarray(samples, np.float32)]
+        self._data = self._parts[0] if self._parts else np.zeros(0, np.float32)
+
+    def append(self, samples: np.ndarray) -> None:
+        self._data = np.concatenate([self._data, np.asarray(samples, np.float32)])
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        out = np.zeros(end - start, np.float32)
+        have = self._data[start:min(end, len(self._data))]
+        out[:len(have)] = have
+        return out
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+
+class Runner:
+    """Renders audio into frames with one avatar: ``run(audio, sink)`` offline, ``run_stream(chunks, sink)`` live."""
+
+    def __init__(self, models: P.ModelSet, avatar: P.Avatar, settings: RenderSettings = OFFLINE,
+                 poses: Optional[np.ndarray] = None):
+        """``poses`` (N, 134, 3) pixel keypoints: the pose-driven mode (Stage I draws these instead of running
+        SMGA; frames past N repeat the last pose)."""
+        cfg = models.cfg
+        self.models, self.avatar, self.settings = models, avatar, settings
+        self.poses = None if poses is None else np.asarray(poses, np.float32)
+        self.steps = settings.steps or cfg.sampler.steps
+        self.guidance = cfg.sampler.guidance if settings.guidance is None else settings.guidance
+        if settings.window != cfg.smga.window:
+            log.warning("SMGA window %d differs from the trained %d", settings.window, cfg.smga.window)
+        if settings.chunk > cfg.unet.motion_max_frames:
+            raise ValueError(f"chunk={settings.chunk} exceeds the motion modules' {cfg.unet.motion_max_frames} frames")
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask a running ``run``/``run_stream`` to stop; it raises RenderCancelled after closing the sink."""
+        self._stop.set()
+
+    def run(self, audio: np.ndarray, sink: FrameSink, progress: Optional[Callable[[int], None]] = None) -> RunReport:
+        """Offline: the whole waveform (16 kHz mono float32) is known; every window reads its full W frames."""
+        audio = np.asarray(audio, np.float32)
+        s = self.settings
+        total = frames_for_samples(len(audio), AUDIO_SAMPLE_RATE, FPS)
+        windows = plan_windows(total, s.window, s.hop, s.crossfade, lookahead_frames=s.lookahead)
+        buf = _AudioBuffer(audio)
+        t0 = time.perf_counter()
+
+        def feed() -> Iterator[Tuple[Window, float]]:
+            for w in windows:
+                yield w, t0  # all audio is available at the start
+
+        return self._execute(feed(), buf, sink, t0, total_frames=total, progress=progress)
+
+    def run_stream(self, chunks: Iterable[AudioChunk], sink: FrameSink,
+                   progress: Optional[Callable[[int], None]] = None) -> RunReport:
+        """Live: audio arrives chunk by chunk; a window starts as soon as its hop + lookahead of audio is in."""
+        s = self.settings
+        lookahead = s.lookahead if s.lookahead is not None else s.window - s.hop
+        planner = StreamPlanner(s.window, s.hop, s.crossfade, lookahead)
+        buf = _AudioBuffer()
+        t0 = time.perf_counter()
+
+        def feed() -> Iterator[Tuple[Window, float]]:
+            for chunk in chunks:
+                if self._stop.is_set():
+                    return
+                buf.append(chunk.samples)
+                arrived = time.perf_counter()
+                for w in planner.push(chunk.n_samples):
+                    yield w, arrived
+            for w in planner.finish():
+                yield w, time.perf_counter()
+
+        return self._execute(feed(), buf, sink, t0, total_frames=None, progress=progress)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _execute(self, windows: Iterator[Tuple[Window, float]], buf: _AudioBuffer, sink: FrameSink, t0: float,
+                 total_frames: Optional[int], progress) -> RunReport:
+        cfg, s = self.models.cfg, self.settings
+        report = RunReport(settings=asdict(s), preset=cfg.name, trained=cfg.trained,
+                           note="" if cfg.trained else P.UNTRAINED_NOTE)
+        q: "queue.Queue" = queue.Queue(maxsize=max(1, s.queue_size))
+        first_audio_ready: List[float] = []
+        lock = threading.Lock()
+
+        # 1. Stage I worker
+        def stage1() -> None:
+            try:
+                prev_vec: Optional[np.ndarray] = None  # (W, 402) previous window's SMGA output
+                prev_start = 0
+                for w, ready_at in windows:
+                    if self._stop.is_set():
+                        break
+                    if not first_audio_ready:
+                        first_audio_ready.append(ready_at)
+                    a = time.perf_counter()
+                    pw, vec = self._stage1_window(w, buf, prev_vec, prev_start)
+                    prev_vec, prev_start = vec, w.start
+                    b = time.perf_counter()
+                    with lock:
+                        report.events.append(StageEvent("stage1", w.index, a - t0, b - t0, pw.n_frames))
+                        report.stage1_seconds += b - a
+                        report.windows += 1
+                    self._put(q, pw)
+                self._put(q, _DONE)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises
+                self._put(q, e, force=True)
+
+        worker = threading.Thread(target=stage1, name="mmgt-stage1", daemon=True)
+        meta = RunMeta(fps=FPS, width=cfg.resolution, height=cfg.resolution,
+                       audio_samples=len(buf) if total_frames is not None else 0, sample_rate=AUDIO_SAMPLE_RATE,
+                       preset=cfg.name, trained=cfg.trained)
+        sink.open(meta)
+        ok = False
+        worker.start()
+        try:
+            self._stage2_loop(q, sink, report, t0, progress, lock)
+            ok = not self._stop.is_set()
+        except KeyboardInterrupt:
+            self._stop.set()
+            raise
+        finally:
+            self._stop.set() if not ok else None
+            self._drain(q)
+            worker.join(timeout=30)
+            sink.close(ok)
+        if not ok:
+            raise RenderCancelled("render stopped before the end; nothing was committed")
+        # 3. Metrics
+        end = max((e.end for e in report.events if e.stage == "sink"), default=time.perf_counter() - t0)
+        report.wall_seconds = end
+        report.media_seconds = report.frames / FPS
+        report.audio_seconds = len(buf) / AUDIO_SAMPLE_RATE
+        report.real_time_factor = report.media_seconds / max(end, 1e-9)
+        first_sink = min((e.end for e in report.events if e.stage == "sink"), default=0.0)
+        report.first_frame_latency = first_sink - ((first_audio_ready[0] - t0) if first_audio_ready else 0.0)
+        report.av_offset_ms = abs(report.media_seconds - report.audio_seconds) * 1000 if total_frames else 0.0
+        report.frames_dropped = int(getattr(sink, "dropped", 0))
+        log.info("run done: %s", report.summary())
+        return report
+
+    def _put(self, q: "queue.Queue", item, force: bool = False) -> None:
+        """Bounded put that gives up when the run is stopped (so the worker never hangs on a dead consumer)."""
+        while True:
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self._stop.is_set() and not force:
+                    return
+                if force:
+                    try:
+                        q.get_nowait()
+                    except queue.Empty:
+                        pass
+
+    @staticmethod
+    def _drain(q: "queue.Queue") -> None:
+        try:
+            while True:
+                q.get_nowait()
+        except queue.Empty:
+            pass
+
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _stage1_window(self, w: Window, buf: _AudioBuffer, prev_vec: Optional[np.ndarray],
+                       prev_start: int) -> Tuple[PoseWindow, np.ndarray]:
+        """One pose window: audio -> SMGA poses (seam blended) -> pose frames, masks, audio tokens."""
+        m, s = self.models, self.settings
+        spf = AUDIO_SAMPLE_RATE // FPS  # samples per frame (640)
+        # 1. the window's audio: W frames from its start, zero past what it may read (padding / lookahead)
+        wav = buf.read(w.audio_start, w.audio_start + w.n_frames * spf)  # (W * 640,)
+        wav[w.audio_end - w.audio_start:] = 0.0
+        if self.poses is not None:  # pose-driven: the given keypoints replace SMGA
+            idx = np.clip(np.arange(w.start + w.keep_from, w.start + w.keep_to), None, len(self.poses) - 1)
+            kps = self.poses[idx]  # (F, 134, 3)
+            return self._conditions(w, kps, wav), np.zeros((w.n_frames, K.N_KEYPOINTS * 3), np.float32)
+        cond = P.smga_condition(m, wav, w.n_frames)  # (W, audio_dim)
+        # 2. poses, conditioned on the reference pose (window 0) or the previous window's last real frame
+        if prev_vec is None:
+            init = K.pixel_to_smga(self.avatar.init_pose)[0]  # (402,)
+        else:
+            init = prev_vec[w.cond_frame - prev_start]  # (402,)
+        gen = torch.Generator().manual_seed(s.seed * 7919 + w.index)
+        vec = P.generate_poses(m, cond, init, s.smga_steps, s.smga_guidance, gen)  # (W, 402)
+        # 3. seam: blend the first frames with the previous window's prediction of the same frames
+        out = vec[w.keep_from:w.keep_to].copy()  # (F, 402)
+        if prev_vec is not None and w.crossfade:
+            for i, wt in enumerate(crossfade_weights(w.crossfade)):
+                out[i] = (1 - wt) * prev_vec[w.start + i - prev_start] + wt * vec[i]
+        return self._conditions(w, K.smga_to_pixel(out), wav), vec
+
+    def _conditions(self, w: Window, kps: np.ndarray, wav: np.ndarray) -> PoseWindow:
+        """Emitted keypoints (F, 134, 3) -> the PoseWindow Stage II reads (pose frames, masks, audio tokens)."""
+        m, spf = self.models, AUDIO_SAMPLE_RATE // FPS
+        frames, masks = P.pose_conditions(m.cfg, kps)
+        # 4. audio tokens of the emitted frames (wav2vec2 over the window's real audio, +-2 frame context)
+        n_tok = max(w.keep_to, min(w.valid_frames, w.n_frames))
+        tokens = P.audio_tokens(m, wav[:n_tok * spf], n_tok)[w.keep_from:w.keep_to]  # (F, T, D)
+        return PoseWindow(index=w.index, first_frame=w.start + w.keep_from, n_frames=len(kps), keypoints=kps,
+                          pose_frames=frames, masks={b: tuple(v) for b, v in masks.items()},
+                          audio_tokens=tokens.float().cpu().numpy())
+
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _stage2_loop(self, q: "queue.Queue", sink: FrameSink, report: RunReport, t0: float, progress,
+                     lock: threading.Lock) -> None:
+        """Cut pose windows into render chunks; render, decode and hand each chunk's new frames to the sink."""
+        m, s = self.models, self.settings
+        planner = StreamChunkPlanner(s.chunk, s.overlap, max_chunk=m.cfg.unet.motion_max_frames)
+        # frames received from Stage I and not yet behind the next chunk's start (global frame -> arrays)
+        frames: List[np.ndarray] = []
+        masks: Dict[str, List[List[np.ndarray]]] = {b: [] for b in P.BRANCHES}
+        tokens: List[np.ndarray] = []
+        base = 0  # global frame of frames[0]
+        known: Optional[torch.Tensor] = None  # final latents of the previous chunk's last `overlap` frames
+
+        def render(chunk) -> None:
+            nonlocal known, base, frames, tokens
+            a = time.perf_counter()
+            n_have = base + len(frames)
+            idx = np.clip(np.arange(chunk.start, chunk.start + chunk.n_frames), None, n_have - 1) - base  # pad
+            inputs = P.ChunkInputs(
+                pose_frames=np.stack([frames[i] for i in idx]),
+                masks={b: [np.stack([masks[b][i][lv] for i in idx]) for lv in range(len(masks[b][0]))]
+                       for b in P.BRANCHES},
+                audio_tokens=torch.from_numpy(np.stack([tokens[i] for i in idx])), first_frame=chunk.start)
+            lat = P.render_chunk(m, self.avatar, inputs, self.steps, self.guidance, s.seed,
+                                 known if chunk.overlap else None)
+            d = time.perf_counter()
+            out = P.decode(m, lat[:, :, chunk.new_from:chunk.new_to])  # (n_new, R, R, 3)
+            b = time.perf_counter()
+            known = lat[:, :, chunk.n_frames - s.overlap:] if s.overlap else None
+            sink.write(FrameBatch(frames=out, first_frame=chunk.start + chunk.new_from, fps=FPS))
+            c = time.perf_counter()
+            with lock:
+                report.events.append(StageEvent("stage2", chunk.index, a - t0, b - t0, len(out)))
+                report.events.append(StageEvent("sink", chunk.index, b - t0, c - t0, len(out)))
+                report.stage2_seconds += b - a
+                report.decode_seconds += b - d
+                report.chunks += 1
+                report.frames += len(out)
+            if progress:
+                progress(len(out))
+            # drop what no later chunk needs (the next chunk starts `chunk - overlap` frames later)
+            keep_from = chunk.start + chunk.n_frames - s.overlap
+            cut = max(0, min(keep_from - base, len(frames)))
+            if cut:
+                frames, tokens = frames[cut:], tokens[cut:]
+                for br in P.BRANCHES:
+                    masks[br] = masks[br][cut:]
+                base += cut
+
+        while True:
+            item = q.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            if self._stop.is_set():
+                return
+            pw: PoseWindow = item
+            if pw.first_frame != base + len(frames):
+                raise RuntimeError(f"Stage I gap: window {pw.index} starts at frame {pw.first_frame}, "
+                                   f"expected {base + len(frames)}")
+            for i in range(pw.n_frames):
+                frames.append(pw.pose_frames[i])
+                tokens.append(pw.audio_tokens[i])
+                for br in P.BRANCHES:
+                    masks[br].append([lv[i] for lv in pw.masks[br]])
+            for chunk in planner.push(pw.n_frames):
+                render(chunk)
+        for chunk in planner.finish():
+            render(chunk)
+
+
+def render_file(models: P.ModelSet, image: np.ndarray, audio: np.ndarray, sink: FrameSink,
+                settings: RenderSettings = OFFLINE, pose_file=None, weights_dir=None, progress=None) -> RunReport:
+    """Convenience: avatar from ``image``, then the offline run of ``audio`` into ``sink``."""
+    avatar = P.prepare_avatar(models, image, pose_file=pose_file, weights_dir=weights_dir)
+    return Runner(models, avatar, settings).run(audio, sink, progress=progress)

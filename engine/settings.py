@@ -1,0 +1,36 @@
+"""Run settings of the engine (scheduling and sampling), with the two presets the CLI defaults come from.
+
+Model sizes live in ``mmgt.config``; this file holds what a run chooses: how windows and chunks tile the frame clock
+and how many denoising steps each stage takes. ``None`` means "the model preset's own default".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    window: int = 80  # SMGA window W in frames (3.2 s at 25 fps); the release trains on 80
+    hop: int = 76  # frames between consecutive SMGA windows (offline: close to W)
+    crossfade: int = 4  # seam frames blended between consecutive pose windows (<= window - hop)
+    lookahead: Optional[int] = None  # live: audio frames a window may read past its hop (None: offline, all W)
+    chunk: int = 16  # Stage II frames per render chunk (<= 32: the motion modules' position table)
+    overlap: int = 4  # frames each chunk takes over (final latents) from the previous chunk
+    steps: Optional[int] = None  # Stage II DDIM steps (None: preset default; reference quality 30)
+    guidance: Optional[float] = None  # Stage II CFG scale (None: preset default; 1.0 = no CFG pass)
+    smga_steps: Optional[int] = None  # Stage I DDIM steps (None: preset default; reference 50)
+    smga_guidance: Optional[float] = None  # Stage I CFG weight (None: preset default; reference 2.0)
+    seed: int = 0  # seeds both stages' noise; the same seed gives the same frames
+    queue_size: int = 2  # pose windows Stage I may run ahead of Stage II
+
+    def with_(self, **changes) -> "RenderSettings":
+        """A copy with the non-None ``changes`` applied (CLI flags left unset keep the preset's value)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+OFFLINE = RenderSettings()
+# Live: a small hop so the first frame needs only hop + lookahead frames of audio; chunks as small as the hop.
+LIVE = RenderSettings(hop=8, crossfade=4, lookahead=4, chunk=12, overlap=4)
+
+SETTINGS = {"offline": OFFLINE, "live": LIVE}

@@ -1,0 +1,177 @@
+"""The objects that cross stage boundaries (DESIGN.md, "Data, as it flows").
+
+audio source -> AudioChunk -> (scheduler: Window) -> Stage I -> PoseWindow -> Stage II -> FrameBatch -> FrameSink.
+Everything here is numpy (no torch) so sources, sinks and the streaming layer never import a deep-learning stack.
+The dataclasses are frozen; the arrays inside are the caller's and are not copied, so do not mutate them after
+handing them on. ``eq=False`` because element-wise array equality has no single truth value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Protocol, Tuple, runtime_checkable
+
+import numpy as np
+
+FPS = 25  # mmgt.config.FPS
+SAMPLE_RATE = 16_000  # mmgt.config.AUDIO_SAMPLE_RATE
+N_KEYPOINTS = 134  # mmgt.config.N_KEYPOINTS
+
+
+def _check_array(owner: str, name: str, a: object, dtype: type, ndim: int) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{owner}.{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{owner}.{name} must be {np.dtype(dtype).name}, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{owner}.{name} must have {ndim} dimensions, got shape {a.shape}")
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class AudioChunk:
+    """A run of float32 mono audio at 16 kHz, placed on the stream's sample clock."""
+
+    samples: np.ndarray  # (N,) float32 in [-1, 1]
+    start_sample: int  # stream sample index of samples[0]
+    sample_rate: int = SAMPLE_RATE
+
+    def __post_init__(self) -> None:
+        _check_array("AudioChunk", "samples", self.samples, np.float32, 1)
+        if self.start_sample < 0:
+            raise ValueError(f"AudioChunk.start_sample must be >= 0, got {self.start_sample}")
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.samples.shape[0])
+
+    @property
+    def end_sample(self) -> int:
+        """Stream sample index after the last sample."""
+        return self.start_sample + self.n_samples
+
+    @property
+    def duration(self) -> float:
+        """Seconds of audio in this chunk."""
+        return self.n_samples / self.sample_rate
+
+
+@dataclass(frozen=True, eq=False)
+class PoseWindow:
+    """Stage I output for the frames one scheduler Window emits: poses, pose frames, masks and audio tokens.
+
+    Only the emitted frames cross to Stage II (the window's seam already blended), so consecutive PoseWindows tile
+    the frame clock without gaps or repeats.
+    """
+
+    index: int  # scheduler Window.index
+    first_frame: int  # global frame of keypoints[0]
+    n_frames: int  # F: frames emitted by this window
+    keypoints: np.ndarray  # (F, 134, 3) float32 pixel keypoints on the 512 canvas
+    pose_frames: np.ndarray  # (F, H, W, 3) uint8 RGB skeleton drawings at render resolution
+    masks: Dict[str, Tuple[np.ndarray, ...]] = field(default_factory=dict)  # {"full", "face", "lip"}: per level
+    # (F, h*w) float32 in [0, 1] (mmgt.motion_masks)
+    audio_tokens: Optional[np.ndarray] = None  # (F, T, D) float32 MM-HAA audio tokens of these frames
+
+    def __post_init__(self) -> None:
+        kp = _check_array("PoseWindow", "keypoints", self.keypoints, np.float32, 3)
+        if kp.shape != (self.n_frames, N_KEYPOINTS, 3):
+            raise ValueError(f"PoseWindow.keypoints must be ({self.n_frames}, {N_KEYPOINTS}, 3), got {kp.shape}")
+        pf = _check_array("PoseWindow", "pose_frames", self.pose_frames, np.uint8, 4)
+        if pf.shape[0] != self.n_frames or pf.shape[3] != 3:
+            raise ValueError(f"PoseWindow.pose_frames must be ({self.n_frames}, H, W, 3), got {pf.shape}")
+        for name, levels in self.masks.items():
+            for m in levels:
+                if not isinstance(m, np.ndarray) or not np.issubdtype(m.dtype, np.floating):
+                    raise TypeError(f"PoseWindow.masks[{name!r}] levels must be float numpy arrays")
+                if m.shape[0] != self.n_frames:
+                    raise ValueError(f"PoseWindow.masks[{name!r}] must have {self.n_frames} frames, got {m.shape}")
+        if self.audio_tokens is not None and self.audio_tokens.shape[0] != self.n_frames:
+            raise ValueError(f"PoseWindow.audio_tokens must have {self.n_frames} frames, "
+                             f"got {self.audio_tokens.shape}")
+
+    @property
+    def end_frame(self) -> int:
+        return self.first_frame + self.n_frames
+
+
+@dataclass(frozen=True, eq=False)
+class FrameBatch:
+    """Decoded video frames leaving Stage II, in order on the global frame clock."""
+
+    frames: np.ndarray  # (T, H, W, 3) uint8 RGB
+    first_frame: int  # global frame index of frames[0]
+    fps: int = FPS
+
+    def __post_init__(self) -> None:
+        f = _check_array("FrameBatch", "frames", self.frames, np.uint8, 4)
+        if f.shape[3] != 3:
+            raise ValueError(f"FrameBatch.frames must be (T, H, W, 3) RGB, got {f.shape}")
+        if self.first_frame < 0:
+            raise ValueError(f"FrameBatch.first_frame must be >= 0, got {self.first_frame}")
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def end_frame(self) -> int:
+        """Global frame index after the last frame."""
+        return self.first_frame + self.n_frames
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        """(width, height) of the frames."""
+        return int(self.frames.shape[2]), int(self.frames.shape[1])
+
+    @property
+    def timestamp(self) -> float:
+        """Media time of the first frame in seconds."""
+        return self.first_frame / self.fps
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """What a sink needs to know before the first frame: clocks, size, and what model made the frames."""
+
+    fps: int  # frame clock
+    width: int  # frame width in pixels
+    height: int  # frame height in pixels
+    audio_samples: int  # samples of the driving audio (0 for an open-ended live stream)
+    sample_rate: int  # of the driving audio
+    preset: str  # model preset name ("tiny", "mmgt", ...)
+    trained: bool  # False: seeded random weights, the video is not a real avatar
+
+    def __post_init__(self) -> None:
+        for name in ("fps", "width", "height", "sample_rate"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RunMeta.{name} must be >= 1, got {getattr(self, name)}")
+        if self.audio_samples < 0:
+            raise ValueError(f"RunMeta.audio_samples must be >= 0, got {self.audio_samples}")
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        """(width, height)."""
+        return self.width, self.height
+
+    @property
+    def audio_duration(self) -> float:
+        """Seconds of driving audio."""
+        return self.audio_samples / self.sample_rate
+
+
+@runtime_checkable
+class FrameSink(Protocol):
+    """Where frames go: an mp4 file, a WebRTC track's queue, or nowhere (benchmarks).
+
+    ``open`` is called before any rendering (so a bad output path fails early), ``write`` with consecutive
+    batches, ``close(ok)`` exactly once: ok=False discards what a file sink has written.
+    """
+
+    def open(self, meta: RunMeta) -> None: ...
+
+    def write(self, batch: FrameBatch) -> None: ...
+
+    def close(self, ok: bool) -> None: ...
+
+
+__all__ = ["AudioChunk", "PoseWindow", "FrameBatch", "RunMeta", "FrameSink", "FPS", "SAMPLE_RATE", "N_KEYPOINTS"]

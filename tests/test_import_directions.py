@@ -1,0 +1,93 @@
+"""The one-way import rule of DESIGN.md: mmgt <- export <- engine <- streaming, checked on the source."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("mmgt", "export", "engine", "streaming")
+# what each package may import of ours (besides itself)
+ALLOWED = {
+    "mmgt": set(),
+    "export": {"mmgt"},
+    "engine": {"mmgt", "export"},
+    "streaming": {"engine", "mmgt"},
+}
+# engine may import export.manifest only; engine/cli.py alone may import streaming (lazily, inside functions).
+ENGINE_EXPORT_MODULES = {"export.manifest"}
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    pkg = path.relative_to(ROOT).parts[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield node, a.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: stays inside the package unless it climbs out of it
+                depth = len(path.relative_to(ROOT).parts) - 1
+                if node.level > depth:
+                    yield node, "<relative import above the package>"
+                else:
+                    yield node, pkg
+            elif node.module:
+                yield node, node.module
+
+
+def _module_level(tree_node, path):
+    """True when the import statement is at module level (not inside a function)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for sub in ast.walk(node):
+                if sub is not node and getattr(sub, "lineno", None) == tree_node.lineno and isinstance(
+                        sub, (ast.Import, ast.ImportFrom)):
+                    return False
+    return True
+
+
+def test_import_directions():
+    bad = []
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node, mod in _imports(path):
+                top = mod.split(".")[0]
+                if top not in PACKAGES or top == pkg:
+                    if mod.startswith("<"):
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {mod}")
+                    continue
+                rel = path.relative_to(ROOT).as_posix()
+                if pkg == "engine" and top == "streaming" and rel == "engine/cli.py" and not _module_level(node, path):
+                    continue
+                if pkg == "engine" and top == "export" and mod not in ENGINE_EXPORT_MODULES:
+                    bad.append(f"{rel}:{node.lineno} imports {mod} (engine may import export.manifest only)")
+                    continue
+                if top not in ALLOWED[pkg]:
+                    bad.append(f"{rel}:{node.lineno} imports {mod} ({pkg} may import {sorted(ALLOWED[pkg]) or 'nothing of ours'})")
+    assert not bad, "import direction violations:\n" + "\n".join(bad)
+
+
+def test_checker_catches_a_violation(tmp_path, monkeypatch):
+    """The rule above can fail: a fake mmgt module importing engine is reported."""
+    fake = tmp_path / "mmgt"
+    fake.mkdir()
+    (fake / "bad.py").write_text("import engine.runner\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGES", ("mmgt",))
+    try:
+        test_import_directions()
+    except AssertionError as e:
+        assert "mmgt/bad.py:1 imports engine.runner" in str(e)
+    else:
+        raise AssertionError("the checker missed mmgt importing engine")
+
+
+def test_engine_imports_without_optional_libraries():
+    """`import engine` (and its CLI) works without onnxruntime, tensorrt, sounddevice, aiortc being imported."""
+    code = (
+        "import sys, engine, engine.cli\n"
+        "heavy = [m for m in ('onnxruntime', 'tensorrt', 'sounddevice', 'aiortc', 'ray') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
