@@ -214,13 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(d, OFFLINE)
     d.set_defaults(func=cmd_demo, backend="torch", artifacts=None)
 
-    # export (lives in the export package; imported only when asked for)
-    try:
-        from export.cli import add_export_parser
-    except ImportError:  # pragma: no cover - export is part of this distribution
-        add_export_parser = None
-    if add_export_parser is not None:
-        add_export_parser(sub)
+    # commands that live in their own modules (imported here, inside the composition root, and nowhere else)
+    from engine.batch import add_batch_parser
+    from export.cli import add_export_parser
+    from streaming.cli import add_serve_parser
+
+    add_export_parser(sub)
+    add_serve_parser(sub)
+    add_batch_parser(sub)
     return ap
 
 

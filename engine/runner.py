@@ -40,6 +40,56 @@ log = logging.getLogger(__name__)
 _DONE = object()  # end-of-stream marker in the Stage I -> Stage II queue
 
 
+class _Pump:
+    """Runs an iterator in a worker thread, handing its items over through a bounded queue.
+
+    The consumer iterates the pump; an exception in the worker is re-raised in the consumer; ``close()`` stops the
+    worker (it never blocks on a consumer that has gone) and joins it.
+    """
+
+    def __init__(self, items: Iterator, maxsize: int, stop: threading.Event):
+        self._q: "queue.Queue" = queue.Queue(maxsize=max(1, maxsize))
+        self._stop = stop
+        self._thread = threading.Thread(target=self._work, args=(items,), name="mmgt-stage1", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                if not self._put(item):
+                    return
+            self._put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises
+            self._put(e)
+
+    def __iter__(self):
+        while True:
+            try:
+                item = self._q.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set() or not self._thread.is_alive() and self._q.empty():
+                    return
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
 class RenderCancelled(RuntimeError):
     """The run was stopped (``Runner.stop()`` or Ctrl-C); the sink was closed without committing."""
 
@@ -120,9 +170,11 @@ class Runner:
     """Renders audio into frames with one avatar: ``run(audio, sink)`` offline, ``run_stream(chunks, sink)`` live."""
 
     def __init__(self, models: P.ModelSet, avatar: P.Avatar, settings: RenderSettings = OFFLINE,
-                 poses: Optional[np.ndarray] = None):
+                 poses: Optional[np.ndarray] = None, overlapped: bool = True):
         """``poses`` (N, 134, 3) pixel keypoints: the pose-driven mode (Stage I draws these instead of running
-        SMGA; frames past N repeat the last pose)."""
+        SMGA; frames past N repeat the last pose). ``overlapped=False`` runs the stages strictly one after the
+        other in the calling thread (the baseline the runner benchmark compares with)."""
+        self.overlapped = overlapped
         cfg = models.cfg
         self.models, self.avatar, self.settings = models, avatar, settings
         self.poses = None if poses is None else np.asarray(poses, np.float32)
@@ -180,52 +232,49 @@ class Runner:
     def _execute(self, windows: Iterator[Tuple[Window, float]], buf: _AudioBuffer, sink: FrameSink, t0: float,
                  total_frames: Optional[int], progress) -> RunReport:
         cfg, s = self.models.cfg, self.settings
+        self._stop.clear()
         report = RunReport(settings=asdict(s), preset=cfg.name, trained=cfg.trained,
                            note="" if cfg.trained else P.UNTRAINED_NOTE)
-        q: "queue.Queue" = queue.Queue(maxsize=max(1, s.queue_size))
         first_audio_ready: List[float] = []
         lock = threading.Lock()
 
-        # 1. Stage I worker
-        def stage1() -> None:
-            try:
-                prev_vec: Optional[np.ndarray] = None  # (W, 402) previous window's SMGA output
-                prev_start = 0
-                for w, ready_at in windows:
-                    if self._stop.is_set():
-                        break
-                    if not first_audio_ready:
-                        first_audio_ready.append(ready_at)
-                    a = time.perf_counter()
-                    pw, vec = self._stage1_window(w, buf, prev_vec, prev_start)
-                    prev_vec, prev_start = vec, w.start
-                    b = time.perf_counter()
-                    with lock:
-                        report.events.append(StageEvent("stage1", w.index, a - t0, b - t0, pw.n_frames))
-                        report.stage1_seconds += b - a
-                        report.windows += 1
-                    self._put(q, pw)
-                self._put(q, _DONE)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises
-                self._put(q, e, force=True)
+        # 1. Stage I: a generator of PoseWindows (one per scheduler window)
+        def stage1() -> Iterator[PoseWindow]:
+            prev_vec: Optional[np.ndarray] = None  # (W, 402) previous window's SMGA output
+            prev_start = 0
+            for w, ready_at in windows:
+                if self._stop.is_set():
+                    return
+                if not first_audio_ready:
+                    first_audio_ready.append(ready_at)
+                a = time.perf_counter()
+                pw, vec = self._stage1_window(w, buf, prev_vec, prev_start)
+                prev_vec, prev_start = vec, w.start
+                b = time.perf_counter()
+                with lock:
+                    report.events.append(StageEvent("stage1", w.index, a - t0, b - t0, pw.n_frames))
+                    report.stage1_seconds += b - a
+                    report.windows += 1
+                yield pw
 
-        worker = threading.Thread(target=stage1, name="mmgt-stage1", daemon=True)
         meta = RunMeta(fps=FPS, width=cfg.resolution, height=cfg.resolution,
                        audio_samples=len(buf) if total_frames is not None else 0, sample_rate=AUDIO_SAMPLE_RATE,
                        preset=cfg.name, trained=cfg.trained)
         sink.open(meta)
         ok = False
-        worker.start()
+        # 2. Stage II consumes them: from a worker thread through a bounded queue (overlapped), or inline
+        pump = _Pump(stage1(), s.queue_size, self._stop) if self.overlapped else None
         try:
-            self._stage2_loop(q, sink, report, t0, progress, lock)
+            self._stage2_loop(pump if pump else stage1(), sink, report, t0, progress, lock)
             ok = not self._stop.is_set()
         except KeyboardInterrupt:
             self._stop.set()
             raise
         finally:
-            self._stop.set() if not ok else None
-            self._drain(q)
-            worker.join(timeout=30)
+            if not ok:
+                self._stop.set()
+            if pump:
+                pump.close()
             sink.close(ok)
         if not ok:
             raise RenderCancelled("render stopped before the end; nothing was committed")
@@ -241,29 +290,6 @@ class Runner:
         report.frames_dropped = int(getattr(sink, "dropped", 0))
         log.info("run done: %s", report.summary())
         return report
-
-    def _put(self, q: "queue.Queue", item, force: bool = False) -> None:
-        """Bounded put that gives up when the run is stopped (so the worker never hangs on a dead consumer)."""
-        while True:
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                if self._stop.is_set() and not force:
-                    return
-                if force:
-                    try:
-                        q.get_nowait()
-                    except queue.Empty:
-                        pass
-
-    @staticmethod
-    def _drain(q: "queue.Queue") -> None:
-        try:
-            while True:
-                q.get_nowait()
-        except queue.Empty:
-            pass
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -307,7 +333,7 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _stage2_loop(self, q: "queue.Queue", sink: FrameSink, report: RunReport, t0: float, progress,
+    def _stage2_loop(self, pose_windows: Iterable[PoseWindow], sink: FrameSink, report: RunReport, t0: float, progress,
                      lock: threading.Lock) -> None:
         """Cut pose windows into render chunks; render, decode and hand each chunk's new frames to the sink."""
         m, s = self.models, self.settings
@@ -355,15 +381,9 @@ class Runner:
                     masks[br] = masks[br][cut:]
                 base += cut
 
-        while True:
-            item = q.get()
-            if item is _DONE:
-                break
-            if isinstance(item, BaseException):
-                raise item
+        for pw in pose_windows:
             if self._stop.is_set():
                 return
-            pw: PoseWindow = item
             if pw.first_frame != base + len(frames):
                 raise RuntimeError(f"Stage I gap: window {pw.index} starts at frame {pw.first_frame}, "
                                    f"expected {base + len(frames)}")

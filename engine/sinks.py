@@ -100,6 +100,9 @@ class Mp4Sink:
         try:
             container = av.open(tmp, mode="w", format="mp4", options={"movflags": "+faststart"})
             self._container = container
+            # say what made the file; an untrained preset's video says so in its metadata
+            container.metadata["comment"] = (f"mmgt-engine, preset {meta.preset}"
+                                             + ("" if meta.trained else ": UNTRAINED random weights, not a real avatar"))
             self._finalizer = weakref.finalize(self, _discard, container, tmp)
             w, h = meta.width + meta.width % 2, meta.height + meta.height % 2  # yuv420p: even sizes
             video = container.add_stream("libx264", rate=self.fps)

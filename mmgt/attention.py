@@ -90,7 +90,8 @@ class AttnProcessor:
                value: torch.Tensor) -> torch.Tensor:
         """Attention of ``hidden_states`` (N, Lq, C) over already projected ``key``/``value`` (N, Lk, C)."""
         if hidden_states.ndim != 3:
-            raise ValueError(f"{type(self).__name__}: expected (N, L, C) tokens, got shape {tuple(hidden_states.shape)}")
+            raise ValueError(f"{type(self).__name__}: expected (N, L, C) tokens, "
+                             f"got shape {tuple(hidden_states.shape)}")
         query = _split_heads(attn.to_q(hidden_states), attn.heads)  # (N, H, Lq, d)
         key = _split_heads(key, attn.heads)  # (N, H, Lk, d)
         value = _split_heads(value, attn.heads)  # (N, H, Lk, d)

@@ -126,7 +126,8 @@ class MMHAA(nn.Module):
         return self.proj_out(x) + residual
 
 
-def audio_module_dims(block_out_channels: Sequence[int], block: int, layers_per_block: int) -> Tuple[Tuple[int, int], ...]:
+def audio_module_dims(block_out_channels: Sequence[int], block: int,
+                      layers_per_block: int) -> Tuple[Tuple[int, int], ...]:
     """(channels, inner_dim) of each MM-HAA module in down block ``block`` (the reference's inner-width quirk)."""
     out_ch = block_out_channels[block]
     in_ch = block_out_channels[max(block - 1, 0)]

@@ -167,6 +167,30 @@ def load_models(weights_dir, cfg: MMGTConfig = MMGT, device="cpu", dtype: torch.
     return models.to(device, dtype)
 
 
+def save_models(models: ModelSet, root) -> ReleaseLayout:
+    """Write a model set in the release layout (what ``load_models`` reads): for tests, and to turn a converted or
+    fine-tuned set into a directory ``--weights`` accepts. WavLM is written as a transformers directory."""
+    import json
+
+    from .weights import save_smga, save_stage2
+
+    layout = ReleaseLayout(Path(root))
+    save_smga(models.smga, layout.smga)
+    save_stage2(models.stage2_modules(), layout.net)
+    u = models.cfg.unet
+    layout.unet_config.parent.mkdir(parents=True, exist_ok=True)
+    layout.unet_config.write_text(json.dumps({
+        "_class_name": "UNet2DConditionModel", "in_channels": u.in_channels, "out_channels": u.out_channels,
+        "block_out_channels": list(u.block_out_channels), "layers_per_block": u.layers_per_block,
+        "attention_head_dim": u.attention_heads, "cross_attention_dim": u.cross_attention_dim,
+        "norm_num_groups": u.norm_num_groups}, indent=2))
+    models.vae.save_pretrained(str(layout.vae))
+    models.clip.save_pretrained(str(layout.image_encoder))
+    models.wav2vec2.save_pretrained(str(layout.wav2vec2))
+    models.wavlm.save_pretrained(str(layout.root / "WavLM-Large"))
+    return layout
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The avatar: everything that depends on the reference image only (computed once, reused by every window)
 # ----------------------------------------------------------------------------------------------------------------

@@ -217,7 +217,8 @@ class UpBlock3D(nn.Module):
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList([_transformer(cfg, out_ch) for _ in range(layers)] if cross_attention else [])
         self.motion_modules = nn.ModuleList([_motion(cfg, out_ch, backend) for _ in range(layers)])
-        self.upsamplers = nn.ModuleList([Upsample2D(out_ch, use_conv=True, out_channels=out_ch)] if add_upsample else [])
+        self.upsamplers = nn.ModuleList(
+            [Upsample2D(out_ch, use_conv=True, out_channels=out_ch)] if add_upsample else [])
 
     def forward(self, hidden: torch.Tensor, skips: Tuple[torch.Tensor, ...], cond: _Conditions,
                 upsample_size: Optional[Tuple[int, int]]) -> torch.Tensor:
@@ -313,6 +314,14 @@ class UNet3D(nn.Module):
     def set_attention_backend(self, backend: str) -> None:
         """Switch every attention layer to "sdpa" or "export" math (weights and bank wiring unchanged)."""
         set_attention_backend(self, backend)
+
+    def bank_layout(self, latent_h: int, latent_w: Optional[int] = None) -> Tuple[BankEntry, ...]:
+        """Names and shapes of the bank tensors this network reads, in ``forward``'s ``bank`` order."""
+        return reference_bank_layout(self.cfg, latent_h, latent_w)
+
+    def mask_levels(self, latent_h: int, latent_w: Optional[int] = None) -> Tuple[AudioMaskLevel, ...]:
+        """Which mask level (and size) each MM-HAA down block reads."""
+        return audio_mask_levels(self.cfg, latent_h, latent_w)
 
     def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int],
                 encoder_hidden_states: torch.Tensor, pose_features: Optional[torch.Tensor] = None,

@@ -8,7 +8,7 @@ The release layout (MMGT_SPEC.md section 6) under ``--weights DIR``::
     sd-vae-ft-mse/                                           diffusers AutoencoderKL
     sd-image-variations-diffusers/image_encoder/             transformers CLIPVisionModelWithProjection
     wav2vec/wav2vec2-base-960h/                              transformers Wav2Vec2Model
-    WavLM-Large.pt                                           unilm WavLM checkpoint
+    WavLM-Large.pt                                           unilm WavLM checkpoint (or WavLM-Large/, transformers)
     DWPose/{yolox_l.onnx, dw-ll_ucoco_384.onnx}              initial-pose extractor
 
 Rules: checkpoints are read with safetensors or ``torch.load(weights_only=True)``; loading is strict, and one
@@ -89,8 +89,9 @@ class ReleaseLayout:
         return self.root / "wav2vec" / "wav2vec2-base-960h"
 
     @property
-    def wavlm(self) -> Path:  # unilm WavLM-Large.pt (or a transformers directory of the same name)
-        return self.root / "WavLM-Large.pt"
+    def wavlm(self) -> Path:  # unilm WavLM-Large.pt, else a transformers directory WavLM-Large/
+        pt, hf = self.root / "WavLM-Large.pt", self.root / "WavLM-Large"
+        return hf if not pt.exists() and hf.is_dir() else pt
 
     @property
     def dwpose(self) -> Path:  # DWPose ONNX directory

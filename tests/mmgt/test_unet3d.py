@@ -236,6 +236,7 @@ def test_mask_levels_per_down_block():
 
 @torch.no_grad()
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # static shapes are intended
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript exporter: opset 17 needs it here
 def test_export_backend_traces_to_onnx_with_bank_inputs(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model = make_unet()

@@ -1,0 +1,41 @@
+"""Shared fixtures: the tiny model set (built once per session), the bundled portrait and speech."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "engine" / "assets"
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    import torch
+
+    from mmgt.config import TINY
+    from mmgt.pipeline import build_models
+
+    torch.set_num_threads(2)
+    return build_models(TINY)
+
+
+@pytest.fixture(scope="session")
+def portrait() -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(ASSETS / "portrait.jpg").convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def speech() -> np.ndarray:
+    """12 s of espeak-ng speech, 16 kHz mono float32."""
+    from mmgt.audio import load_audio
+
+    return load_audio(ASSETS / "speech.flac")
+
+
+@pytest.fixture(scope="session")
+def tiny_avatar(tiny_models, portrait):
+    from mmgt.pipeline import prepare_avatar
+
+    return prepare_avatar(tiny_models, portrait)

@@ -1,0 +1,134 @@
+"""The overlapped runner: frame counts, overlap of the two stages, seams, determinism, pose-driven mode."""
+import numpy as np
+import pytest
+
+from engine.runner import RenderCancelled, Runner
+from engine.settings import OFFLINE, RenderSettings
+from engine.sinks import NullSink
+from engine.types import FrameBatch
+
+# small but real: 8 pose windows, 19 chunks, crossfaded pose seams and chunk overlap. queue_size 1 bounds how far
+# Stage I may run ahead, so the overlap assertions below hold whatever the machine's speed.
+HOP, CHUNK, OVERLAP, FRAMES = 20, 12, 4, 150
+FAST = OFFLINE.with_(hop=HOP, crossfade=4, chunk=CHUNK, overlap=OVERLAP, queue_size=1)
+
+
+class CollectSink(NullSink):
+    def __init__(self):
+        super().__init__()
+        self.out = []
+
+    def write(self, batch: FrameBatch) -> None:
+        super().write(batch)
+        self.out.append(batch)
+
+    def video(self) -> np.ndarray:
+        return np.concatenate([b.frames for b in self.out])
+
+
+@pytest.fixture(scope="module")
+def run_fast(tiny_models, tiny_avatar, speech):
+    audio = speech[: FRAMES * 640]  # 150 frames -> windows at 0, 20, ..., 140
+    sink = CollectSink()
+    report = Runner(tiny_models, tiny_avatar, FAST).run(audio, sink)
+    return audio, sink, report
+
+
+def test_frame_count_and_order(run_fast):
+    audio, sink, report = run_fast
+    assert report.frames == FRAMES == len(sink.video())
+    starts = [b.first_frame for b in sink.out]
+    ends = [b.first_frame + b.n_frames for b in sink.out]
+    assert starts[0] == 0 and all(e == s for e, s in zip(ends, starts[1:])), "frames must tile the clock in order"
+    assert report.windows == -(-FRAMES // HOP) and report.chunks == 1 + -(-(FRAMES - CHUNK) // (CHUNK - OVERLAP))
+    assert report.av_offset_ms <= 40
+    assert report.real_time_factor > 0 and report.first_frame_latency > 0
+    assert not report.trained and "untrained" in report.note
+
+
+def test_stages_overlap(run_fast):
+    """Stage I of window k+1 starts before Stage II of window k's frames ends, and the first frames reach the sink
+    before the last window's Stage I has finished."""
+    _, _, report = run_fast
+    s1 = {e.index: e for e in report.events if e.stage == "stage1"}
+    s2 = sorted((e for e in report.events if e.stage == "stage2"), key=lambda e: e.index)
+    sink = sorted((e for e in report.events if e.stage == "sink"), key=lambda e: e.index)
+    # chunk j covers frames [8j, 8j + 12): the last chunk holding frames of window k (frames < 20 (k + 1))
+    step = CHUNK - OVERLAP
+    for k in range(len(s1) - 1):
+        last_chunk = max(j for j in range(len(s2)) if step * j < HOP * (k + 1))
+        assert s1[k + 1].start < s2[last_chunk].end, f"stage I of window {k + 1} waited for stage II of window {k}"
+    assert sink[0].end < s1[max(s1)].end, "the first frames waited for the last window's Stage I"
+
+
+def test_seams_are_no_worse_than_motion(run_fast):
+    """At every pose-window boundary and chunk boundary the frame-to-frame change is at most 2x the mean change
+    between neighbouring frames inside the windows."""
+    _, sink, _ = run_fast
+    v = sink.video().astype(np.float32)
+    diffs = np.abs(v[1:] - v[:-1]).mean(axis=(1, 2, 3))  # diffs[i] = |frame i+1 - frame i|
+    seams = {HOP * k - 1 for k in range(1, -(-FRAMES // HOP))} | {b.first_frame - 1 for b in sink.out[1:]}
+    inside = np.mean([d for i, d in enumerate(diffs) if i not in seams])
+    for i in sorted(seams):
+        assert diffs[i] <= 2 * inside, f"seam after frame {i}: {diffs[i]:.2f} vs inside mean {inside:.2f}"
+
+
+def test_same_seed_same_frames_and_chunking_invariance(tiny_models, tiny_avatar, speech, run_fast):
+    audio, sink, _ = run_fast
+    again = CollectSink()
+    Runner(tiny_models, tiny_avatar, FAST).run(audio, again)
+    np.testing.assert_array_equal(again.video(), sink.video())
+    other = CollectSink()
+    Runner(tiny_models, tiny_avatar, FAST.with_(seed=5)).run(audio, other)
+    assert np.abs(other.video().astype(int) - sink.video()).mean() > 1
+
+
+def test_stream_mode_matches_frame_count(tiny_models, tiny_avatar, speech):
+    from engine.types import AudioChunk
+
+    audio = speech[: int(16000 * 2.0)]  # 50 frames
+    live = RenderSettings(hop=10, crossfade=2, lookahead=4, chunk=12, overlap=4, smga_steps=2)
+    chunks = [AudioChunk(samples=audio[i:i + 640 * 2], start_sample=i) for i in range(0, len(audio), 1280)]
+    sink = CollectSink()
+    report = Runner(tiny_models, tiny_avatar, live).run_stream(iter(chunks), sink)
+    assert report.frames == 50 == len(sink.video())
+    assert report.windows == 5
+
+
+def test_pose_driven_mode_uses_the_given_poses(tiny_models, tiny_avatar, speech):
+    from mmgt.init_pose import template_pose_512
+
+    base = template_pose_512()
+    poses = np.repeat(base[None], 30, axis=0)
+    poses[15:, :, 0] += 120  # the whole person moves right in the second half
+    audio = speech[: 16000]  # 25 frames
+    a, b = CollectSink(), CollectSink()
+    Runner(tiny_models, tiny_avatar, FAST, poses=poses).run(audio, a)
+    Runner(tiny_models, tiny_avatar, FAST, poses=np.repeat(base[None], 30, axis=0)).run(audio, b)
+    va, vb = a.video(), b.video()
+    assert len(va) == 25
+    np.testing.assert_array_equal(va[:8], vb[:8])  # identical poses, identical frames (first chunk before the move)
+    assert np.abs(va[16:].astype(int) - vb[16:]).mean() > 0.5, "the moved poses did not change the frames"
+
+
+def test_stop_cancels_without_commit(tiny_models, tiny_avatar, speech):
+    class StopAfterFirst(CollectSink):
+        def __init__(self, runner_box):
+            super().__init__()
+            self.box = runner_box
+            self.closed_ok = None
+
+        def write(self, batch):
+            super().write(batch)
+            self.box[0].stop()
+
+        def close(self, ok):
+            self.closed_ok = ok
+
+    box = []
+    runner = Runner(tiny_models, tiny_avatar, FAST)
+    box.append(runner)
+    sink = StopAfterFirst(box)
+    with pytest.raises(RenderCancelled):
+        runner.run(speech[: 16000 * 4], sink)
+    assert sink.closed_ok is False
