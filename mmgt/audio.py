@@ -14,7 +14,6 @@ PyAV, librosa and transformers are imported inside the functions that need them,
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 import logging
 import re
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmgt.config import AUDIO_SAMPLE_RATE, FPS, LIBROSA_DIM, AudioProjConfig, Wav2Vec2Config, WavLMConfig
+from mmgt.seeding import seeded
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
     from transformers import Wav2Vec2Model, WavLMModel
@@ -328,22 +328,13 @@ def _hf_wavlm_config(cfg: WavLMConfig, **overrides):
     return hf
 
 
-@contextlib.contextmanager
-def _seeded(seed: Optional[int]):
-    """Run the block on a private RNG seeded with ``seed`` (the global RNG is left as it was); no-op for None."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def build_wavlm(cfg: WavLMConfig, seed: Optional[int] = None) -> "WavLMModel":
     """A randomly initialised transformers WavLMModel of ``cfg``'s size, in eval mode (seeded if asked)."""
     from transformers import WavLMModel
 
-    with _seeded(seed):
+    with seeded(seed):
         model = WavLMModel(_hf_wavlm_config(cfg))
     return model.eval()
 
@@ -455,7 +446,7 @@ def load_wavlm(path_or_dir: PathLike, cfg: WavLMConfig, allow_pickle: bool = Fal
 
     # 2. rename to transformers keys
     state, unmatched = remap_state_dict(ckpt["model"], WAVLM_UNILM_TO_HF)
-    with _seeded(0):  # every value is overwritten below; seeding only keeps the global RNG untouched
+    with seeded(0):  # every value is overwritten below; seeding only keeps the global RNG untouched
         model = WavLMModel(hf_cfg)
     proj = "feature_projection.projection"
     if f"{proj}.weight" not in state and hf_cfg.conv_dim[-1] == hf_cfg.hidden_size:
@@ -559,7 +550,7 @@ def build_wav2vec2(cfg: Wav2Vec2Config, seed: Optional[int] = None) -> "Wav2Vec2
     """A randomly initialised transformers Wav2Vec2Model of ``cfg``'s size, in eval mode (seeded if asked)."""
     from transformers import Wav2Vec2Model
 
-    with _seeded(seed):
+    with seeded(seed):
         model = Wav2Vec2Model(_hf_wav2vec2_config(cfg))
     return model.eval()
 

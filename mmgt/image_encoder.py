@@ -9,7 +9,6 @@ The context is ``image_embeds`` (1, D) -> (1, 1, D); the unconditional context i
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from mmgt.config import CLIPConfig
+from mmgt.seeding import seeded
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +27,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ImageLike = Union[np.ndarray, torch.Tensor]
 
 
-@contextmanager
-def _seeded(seed: Optional[int]):
-    """Seed torch's CPU RNG for a build without disturbing the caller's RNG state (None: use it as it is)."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def build_clip(cfg: CLIPConfig = CLIPConfig(), seed: Optional[int] = None):
@@ -55,7 +46,7 @@ def build_clip(cfg: CLIPConfig = CLIPConfig(), seed: Optional[int] = None):
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = CLIPVisionModelWithProjection(config)
     return model.eval().requires_grad_(False)
 

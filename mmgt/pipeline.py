@@ -36,6 +36,7 @@ from .noise import DDIMSchedule, sample_noise
 from .pose_guider import PoseGuider
 from .pose_render import render_poses
 from .reference_net import ReferenceNet
+from .seeding import seeded
 from .smga import SMGA, SMGADiffusion, build_smga
 from .unet3d import UNet3D
 from .vae import build_vae, decode_latents, encode_reference, load_vae, to_uint8
@@ -112,8 +113,7 @@ def build_models(cfg: MMGTConfig, device="cpu", dtype: torch.dtype = torch.float
     """Every network with seeded random weights (the untrained presets: runs anywhere, no download)."""
     seed = cfg.seed
     gen = torch.Generator().manual_seed(seed + 1000)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         parts = {name: build() for name, build in stage2_builders(cfg).items()}
     for module in parts.values():
         _randomise_zero_init(module, gen)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MMGTConfig, POSE_DIM, SMGAConfig
+from .seeding import seeded
 from .keypoints import FACE_STREAM
 
 logger = logging.getLogger(__name__)
@@ -535,8 +536,7 @@ def build_smga(cfg: Union[SMGAConfig, MMGTConfig], seed: Optional[int] = None) -
         seed = cfg.seed if seed is None else seed
         cfg = cfg.smga
     seed = 0 if seed is None else seed
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = SMGA(cfg)
     return model.eval()
 

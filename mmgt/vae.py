@@ -12,7 +12,6 @@ decode function here accepts either.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -21,21 +20,13 @@ import torch
 from torch import nn
 
 from mmgt.config import VAEConfig
+from mmgt.seeding import seeded
 
 log = logging.getLogger(__name__)
 
 ImageLike = Union[np.ndarray, torch.Tensor]
 
 
-@contextmanager
-def _seeded(seed: Optional[int]):
-    """Seed torch's CPU RNG for a build without disturbing the caller's RNG state (None: use it as it is)."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def _local_dir(path: Union[str, Path], what: str) -> Path:
@@ -53,7 +44,7 @@ def build_vae(cfg: VAEConfig = VAEConfig(), seed: Optional[int] = None):
     from diffusers import AutoencoderKL
 
     n = len(cfg.block_out_channels)
-    with _seeded(seed):
+    with seeded(seed):
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -93,7 +84,7 @@ def build_tiny_decoder(cfg: VAEConfig = VAEConfig(), channels: int = 64, num_blo
     dec_blocks = tuple(num_blocks) if num_blocks is not None else (3,) * (levels - 1) + (1,)
     if len(dec_blocks) != levels:
         raise ValueError(f"build_tiny_decoder: num_blocks {dec_blocks} must have {levels} entries (one per level)")
-    with _seeded(seed):
+    with seeded(seed):
         taesd = AutoencoderTiny(
             encoder_block_out_channels=(channels,) * levels,
             decoder_block_out_channels=(channels,) * levels,
