@@ -235,7 +235,10 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # -v/-q are global flags; accept them after the command too (`engine render ... -q`)
+    flags = [a for a in argv if a in ("-q", "--quiet", "--verbose") or (len(a) > 1 and set(a[1:]) == {"v"} and a[0] == "-")]
+    args = ap.parse_args(flags + [a for a in argv if a not in flags])
     if not getattr(args, "command", None):
         ap.print_help()
         return 2

@@ -177,6 +177,9 @@ class Mp4Sink:
             self._mux(self._video.encode(None))  # flush the encoders
             self._mux(self._audio.encode(None))
             self._container.close()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._tmp_path, 0o666 & ~umask)  # mkstemp made it 0600; a finished video gets normal modes
             os.replace(self._tmp_path, self.path)  # atomic on one filesystem: same directory
         except Exception as e:
             self._abort()

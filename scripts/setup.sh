@@ -31,5 +31,5 @@ if ! $VPY -c "import torch" >/dev/null 2>&1; then
     $VPY -m pip install -q "torch==2.13.0" || $VPY -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-$VPY -m pip install -q -e ".[dev]"
+$VPY -m pip install -q -e ".[dev,ray]"
 echo "set-up done: .venv ready ($($VPY -c 'import torch; print("torch", torch.__version__)'))"
