@@ -37,11 +37,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default=None)
     ap.add_argument("--repeats", type=int, default=1, help="runs of each mode (the best is reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU, as the CLI)")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_runner-<device>-<date>.json)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     device = torch.device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     cfg = get_preset(args.preset)
     models = P.build_models(cfg, device=device, dtype=dtype)

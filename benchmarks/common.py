@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -109,16 +110,11 @@ def machine_info(device: torch.device) -> Dict[str, object]:
         "source_sha256": source_hash(),
         **git_info(),
     }
-    try:
-        import diffusers  # noqa: F401  (versions of the libraries the networks come from)
-        info["diffusers"] = diffusers.__version__
-    except ImportError:
-        info["diffusers"] = None
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
+    for package in ("diffusers", "transformers", "triton"):  # read from metadata: importing them is slow
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 2),

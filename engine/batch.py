@@ -693,8 +693,6 @@ def _add_batch_args(p: argparse.ArgumentParser) -> None:
                    help="jobs: JSON lines or CSV with image, audio, output (+ optional per-job settings)")
     p.add_argument("--out-dir", type=Path, required=True, help="where <output>.mp4 and <output>.json go")
     p.add_argument("--force", action="store_true", help="render every job again, even complete ones")
-    p.add_argument("--threads", type=int, help="torch CPU threads per job (default: torch's own locally, "
-                   "--cpus-per-job on Ray). CPU frames depend slightly on it: equal counts give equal frames")
     r = p.add_argument_group("Ray (optional extra: pip install 'ray>=2.9')")
     r.add_argument("--ray", metavar="ADDRESS|auto",
                    help="fan jobs out as Ray tasks: 'auto' starts a local Ray instance on this machine; an address "

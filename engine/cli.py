@@ -46,6 +46,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="Stage II compute dtype (default: fp16 on GPU, fp32 on CPU)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the tiny preset on a CPU, whose ops are too small to gain "
+                        "from more; torch's own choice otherwise). CPU frames depend slightly on it: equal counts "
+                        "give equal frames")
 
 
 def _add_settings_flags(p: argparse.ArgumentParser, base: RenderSettings) -> None:
@@ -76,6 +80,10 @@ def _load_models(args):
     from mmgt.config import DEFAULT_PRESET, MMGT, get_preset
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = args.threads or (1 if device == "cpu" and args.weights is None and (args.preset or DEFAULT_PRESET) ==
+                               "tiny" else None)
+    if threads:
+        torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     if args.weights is not None:

@@ -344,7 +344,8 @@ class SMGA(nn.Module):
         x_face = self.input_projection(face_in)  # (B, W, D)
         x_body = self.input_projection(body_in)  # (B, W, D)
         # 2. time: FiLM vector (+ cond_hidden) and 2 memory tokens
-        t_hidden = self.time_mlp(t)  # (B, 4D)
+        emb = self.time_mlp[0](t).to(self.time_mlp[1].weight.dtype)  # (B, D): angles in fp32, then the model dtype
+        t_hidden = self.time_mlp[2](self.time_mlp[1](emb))  # (B, 4D)
         film = self.to_time_cond(t_hidden) + cond_hidden  # (B, D)
         t_tokens = self.to_time_tokens(t_hidden).unflatten(-1, (self.cfg.time_tokens, -1))  # (B, 2, D)
         # 3. cross-attention memory

@@ -15,7 +15,7 @@ def tiny_models():
     from mmgt.config import TINY
     from mmgt.pipeline import build_models
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # the tiny preset's ops are too small to gain from threads (see engine --threads)
     return build_models(TINY)
 
 
