@@ -80,7 +80,7 @@ def _load_models(args):
     from mmgt.config import DEFAULT_PRESET, MMGT, get_preset
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    threads = args.threads or (1 if device == "cpu" and args.weights is None and (args.preset or DEFAULT_PRESET) ==
+    threads = getattr(args, "threads", None) or (1 if device == "cpu" and args.weights is None and (args.preset or DEFAULT_PRESET) ==
                                "tiny" else None)
     if threads:
         torch.set_num_threads(threads)
