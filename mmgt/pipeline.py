@@ -15,6 +15,7 @@ reference the engine's runner is compared with.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ class ModelSet:
     denoising_unet: UNet3D  # the video denoiser
     vae: nn.Module  # diffusers AutoencoderKL (or AutoencoderTiny as decoder)
     clip: nn.Module  # transformers CLIPVisionModelWithProjection
+    decoder: Optional[nn.Module] = None  # a light decoder (AutoencoderTiny) used instead of the VAE's for decoding
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32  # Stage II compute dtype (Stage I and audio stay fp32)
 
@@ -78,8 +80,9 @@ class ModelSet:
         self.dtype = dtype or self.dtype
         for name in ("smga", "wavlm", "wav2vec2"):  # small or numerically delicate: fp32
             getattr(self, name).to(self.device)
-        for name in ("audioproj", "pose_guider", "reference_unet", "denoising_unet", "vae", "clip"):
-            getattr(self, name).to(self.device, self.dtype)
+        for name in ("audioproj", "pose_guider", "reference_unet", "denoising_unet", "vae", "clip", "decoder"):
+            if getattr(self, name) is not None:
+                getattr(self, name).to(self.device, self.dtype)
         return self
 
 
@@ -104,7 +107,7 @@ def _randomise_zero_init(module: nn.Module, generator: torch.Generator, std: flo
     with torch.no_grad():
         for p in module.parameters():
             if p.ndim >= 2 and not torch.any(p):
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
+                p.copy_(torch.randn(p.shape, generator=generator, device="cpu").to(p.device) * std)
                 changed += 1
     return changed
 
@@ -113,14 +116,19 @@ def build_models(cfg: MMGTConfig, device="cpu", dtype: torch.dtype = torch.float
     """Every network with seeded random weights (the untrained presets: runs anywhere, no download)."""
     seed = cfg.seed
     gen = torch.Generator().manual_seed(seed + 1000)
-    with seeded(seed):
-        parts = {name: build() for name, build in stage2_builders(cfg).items()}
-    for module in parts.values():
+    # On an accelerator the weights are made there (a CPU init of 2.5 B parameters takes minutes); the CPU path
+    # stays bit-identical across machines.
+    where = torch.device(device) if torch.device(device).type != "cpu" else contextlib.nullcontext()
+    with where:
+        with seeded(seed):
+            parts = {name: build() for name, build in stage2_builders(cfg).items()}
+    for module in parts.values():  # outside the device context: the CPU generator draws on the CPU
         _randomise_zero_init(module, gen)
-    models = ModelSet(
-        cfg=cfg, smga=build_smga(cfg.smga, seed=seed), wavlm=build_wavlm(cfg.wavlm, seed=seed + 1),
-        wav2vec2=build_wav2vec2(cfg.wav2vec2, seed=seed + 2), vae=build_vae(cfg.vae, seed=seed + 3),
-        clip=build_clip(cfg.clip, seed=seed + 4), **parts)
+    with where:
+        models = ModelSet(
+            cfg=cfg, smga=build_smga(cfg.smga, seed=seed), wavlm=build_wavlm(cfg.wavlm, seed=seed + 1),
+            wav2vec2=build_wav2vec2(cfg.wav2vec2, seed=seed + 2), vae=build_vae(cfg.vae, seed=seed + 3),
+            clip=build_clip(cfg.clip, seed=seed + 4), **parts)
     for m in (models.audioproj, models.pose_guider, models.reference_unet, models.denoising_unet):
         m.eval()
     log.info("built %s preset with seeded random weights (%s)", cfg.name, UNTRAINED_NOTE)
@@ -345,7 +353,7 @@ def render_chunk(models: ModelSet, avatar: Avatar, inputs: ChunkInputs, steps: i
 @torch.no_grad()
 def decode(models: ModelSet, latents: torch.Tensor) -> np.ndarray:
     """(1, 4, F, h, w) latents -> (F, R, R, 3) uint8 frames."""
-    frames = decode_latents(models.vae, latents.to(models.dtype))  # (1, 3, F, R, R) in [0, 1]
+    frames = decode_latents(models.decoder or models.vae, latents.to(models.dtype))  # (1, 3, F, R, R) in [0, 1]
     return to_uint8(frames[0].permute(1, 0, 2, 3))  # (F, R, R, 3)
 
 

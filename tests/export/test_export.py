@@ -1,0 +1,223 @@
+"""`engine export` on the tiny preset: every network to ONNX, checked, compared with torch, cached, validated."""
+import importlib.util
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from engine.backends.torch_backend import TorchBackend
+from export.cli import build_parser, run_export
+from export.manifest import (MANIFEST_NAME, NETWORKS, ONNX_DATA_NAME, ONNX_NAME, ExportShapes, read_manifest,
+                             validate_artifact)
+from export.onnx import export_onnx, finalize_onnx, ort_session
+from export.specs import network_specs
+from mmgt.config import TINY
+
+CHUNK = 4
+
+
+def _args(out: Path, *extra: str):
+    return build_parser().parse_args(["export", "--preset", "tiny", "--out", str(out), "--chunk", str(CHUNK),
+                                      *extra])
+
+
+def _run(out: Path, *extra: str):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    start = time.perf_counter()
+    rc = run_export(_args(out, *extra), out=stdout, err=stderr)
+    return rc, stdout.getvalue(), stderr.getvalue(), time.perf_counter() - start
+
+
+def _artifact(root: Path, network: str) -> Path:
+    dirs = [p for p in (root / network).iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(dirs) == 1, f"{network}: expected one artifact, found {dirs}"
+    return dirs[0]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """All networks exported once (the first run), then the same command again (the second run)."""
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("export") / "A"
+    first = _run(out)
+    second = _run(out)
+    return out, first, second
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return ExportShapes.from_config(TINY, chunk=CHUNK)
+
+
+def test_first_run_builds_every_network(exported):
+    out, (rc, stdout, stderr, _), _ = exported
+    assert rc == 0, stderr
+    for name in NETWORKS:
+        assert name in stdout  # one progress line and one summary row per network
+        manifest = validate_artifact(_artifact(out, name))
+        assert manifest["network"] == name and manifest["format"] == "onnx" and manifest["precision"] == "fp32"
+    assert "10 built" in stdout
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_onnx_checker_and_parity_with_torch(exported, network, tiny_models, shapes):
+    """onnx.checker passes and onnxruntime matches the eager torch network (max abs diff <= 1e-3)."""
+    out = exported[0]
+    directory = _artifact(out, network)
+    onnx.checker.check_model(str(directory / ONNX_NAME))
+    manifest = read_manifest(directory)
+    assert manifest["info"]["parity"]["passed"] and manifest["info"]["parity"]["max_abs_diff"] <= 1e-3
+    # an independent check: the torch backend's own name -> module mapping against the artifact
+    spec = network_specs(TINY, shapes)[network]
+    feeds = spec.sample_inputs(seed=7)
+    session = ort_session(directory / ONNX_NAME)
+    got = session.run(list(spec.output_names), {k: v.numpy() for k, v in feeds.items()})
+    want = TorchBackend(network, tiny_models, shapes)(feeds)
+    for name, value in zip(spec.output_names, got):
+        diff = float(np.abs(value - want[name].float().numpy()).max())
+        assert diff <= 1e-3, f"{network}.{name}: onnxruntime vs torch max abs diff {diff}"
+        assert float(want[name].abs().max()) > 0  # a non-trivial output
+
+
+def test_second_run_reuses_everything_quickly(exported):
+    _, (_, _, _, t_first), (rc, stdout, stderr, t_second) = exported
+    assert rc == 0, stderr
+    assert "10 cached" in stdout and "built" not in stdout
+    assert t_second < 0.1 * t_first, f"second run {t_second:.1f} s vs first {t_first:.1f} s"
+
+
+def test_manifest_describes_the_artifact(exported, shapes):
+    out = exported[0]
+    manifest = read_manifest(_artifact(out, "denoising_unet"))
+    fields = manifest["key_fields"]
+    names = [t["name"] for t in fields["io"]["inputs"]]
+    assert names[:5] == ["sample", "timestep", "context", "pose_features", "audio_tokens"]
+    assert "mask_lip_2" in names and "bank_09" in names
+    assert fields["io"]["inputs"][0]["shape"] == [1, 4, CHUNK, shapes.latent, shapes.latent]
+    assert fields["shapes"] == {"chunk": CHUNK, "resolution": 64, "unet_batch": 1}
+    assert fields["opset"] >= 17 and manifest["info"]["onnx"]["opset"] >= 17
+    assert set(manifest["files"]) == {ONNX_NAME}
+    size = (out / "denoising_unet" / manifest["cache_key"] / ONNX_NAME).stat().st_size
+    assert manifest["files"][ONNX_NAME]["size"] == size
+    assert set(manifest["info"]["weights_digests"]) == {"float32", "float16", "bfloat16"}
+
+
+def test_truncated_or_edited_artifacts_are_rebuilt_or_refused(tmp_path):
+    out = tmp_path / "B"
+    rc, _, stderr, _ = _run(out, "--only", "pose_guider", "audio_proj")
+    assert rc == 0, stderr
+    # 1. a truncated model file: refused with --no-build, rebuilt without
+    model = _artifact(out, "pose_guider") / ONNX_NAME
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    rc, stdout, stderr, _ = _run(out, "--only", "pose_guider", "audio_proj", "--no-build")
+    assert rc == 1 and "pose_guider onnx refused" in stderr and "truncated" in stderr
+    assert "audio_proj" not in stderr  # the intact one is still fine
+    rc, stdout, stderr, _ = _run(out, "--only", "pose_guider", "audio_proj")
+    assert rc == 0 and "rebuilt" in stdout, stdout + stderr
+    validate_artifact(model.parent)
+    # 2. an edited manifest (its seal no longer matches)
+    path = _artifact(out, "audio_proj") / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    data["info"]["parity"]["max_abs_diff"] = 0.0
+    path.write_text(json.dumps(data))
+    rc, _, stderr, _ = _run(out, "--only", "audio_proj", "--no-build")
+    assert rc == 1 and "modified" in stderr
+    rc, stdout, _, _ = _run(out, "--only", "audio_proj")
+    assert rc == 0 and "rebuilt" in stdout
+    validate_artifact(path.parent)
+    # 3. --no-build with nothing there at all
+    rc, _, stderr, _ = _run(tmp_path / "empty", "--only", "pose_guider", "--no-build")
+    assert rc == 1 and "not exported yet" in stderr
+
+
+def test_fp16_export_is_a_new_artifact(tmp_path, shapes):
+    out = tmp_path / "C"
+    assert _run(out, "--only", "pose_guider")[0] == 0
+    rc, stdout, stderr, _ = _run(out, "--only", "pose_guider", "--fp16")
+    assert rc == 0 and "built" in stdout, stderr
+    dirs = sorted(p for p in (out / "pose_guider").iterdir() if p.is_dir())
+    assert len(dirs) == 2  # the fp32 and the fp16 artifact side by side
+    manifests = {m["precision"]: m for m in (read_manifest(d) for d in dirs)}
+    fp16 = manifests["fp16"]
+    assert fp16["key_fields"]["io"]["inputs"][0]["dtype"] == "float16"
+    assert fp16["info"]["parity"]["passed"] and fp16["info"]["parity"]["tolerance"] == 5e-2
+    assert network_specs(TINY, shapes)["smga_step"].precision("fp16") == "fp32"  # Stage I stays fp32
+
+
+def test_tensorrt_fails_fast_without_tensorrt(tmp_path):
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("TensorRT and a GPU are present: see test_tensorrt.py")
+    out = tmp_path / "T"
+    rc, stdout, stderr, seconds = _run(out, "--format", "tensorrt")
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and stdout == ""
+    if importlib.util.find_spec("tensorrt") is None:
+        assert "TensorRT is not installed: pip install 'mmgt-engine[tensorrt]' on a machine with an NVIDIA GPU" \
+               in lines[0]
+    else:
+        assert "needs an NVIDIA GPU" in lines[0]
+    assert not out.exists() and seconds < 5.0  # nothing loaded, nothing written
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    rc, _, stderr, _ = _run(tmp_path / "U", "--only", "unet")
+    assert rc == 2 and "unknown network(s) unet" in stderr and "denoising_unet" in stderr
+    rc, _, stderr, _ = _run(tmp_path / "U", "--force", "--no-build")
+    assert rc == 2 and "contradict" in stderr
+    rc, _, stderr, _ = _run(tmp_path / "U", "--chunk", "40")
+    assert rc == 2 and "chunk must be in [1, 32]" in stderr
+    args = build_parser().parse_args(["export", "--preset", "mmgt", "--out", str(tmp_path / "U")])
+    err = io.StringIO()
+    assert run_export(args, out=io.StringIO(), err=err) == 2 and "--weights DIR" in err.getvalue()
+
+
+def test_large_models_go_to_one_external_data_file(tmp_path, tiny_models, shapes):
+    """The >2 GB path, forced with a zero threshold: model.onnx + model.onnx.data, checked and still exact."""
+    spec = network_specs(TINY, shapes)["vae_decoder"]
+    info = export_onnx(spec, tiny_models, tmp_path, external_threshold=0)
+    assert info["files"] == [ONNX_NAME, ONNX_DATA_NAME]
+    assert (tmp_path / ONNX_NAME).stat().st_size < (tmp_path / ONNX_DATA_NAME).stat().st_size
+    assert info["parity"]["passed"] and info["parity"]["max_abs_diff"] <= 1e-3
+    assert not (tmp_path / "raw").exists()
+    # an exporter's one-file-per-tensor layout is streamed into one data file with the same numbers
+    per_tensor = tmp_path / "per_tensor"
+    per_tensor.mkdir()
+    model = onnx.load(str(tmp_path / ONNX_NAME))
+    onnx.save_model(model, str(per_tensor / ONNX_NAME), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert len(list(per_tensor.iterdir())) > 10
+    joined = tmp_path / "joined"
+    joined.mkdir()
+    assert finalize_onnx(per_tensor / ONNX_NAME, joined / ONNX_NAME, threshold=0) == [ONNX_NAME, ONNX_DATA_NAME]
+    assert sorted(p.name for p in joined.iterdir()) == [ONNX_NAME, ONNX_DATA_NAME]
+    onnx.checker.check_model(str(joined / ONNX_NAME))
+    feeds = {k: v.numpy() for k, v in spec.sample_inputs(seed=3).items()}
+    a = ort_session(tmp_path / ONNX_NAME).run(None, feeds)[0]
+    b = ort_session(joined / ONNX_NAME).run(None, feeds)[0]
+    assert np.array_equal(a, b)
+
+
+def test_export_leaves_the_shared_models_unchanged(tmp_path, tiny_models, shapes):
+    """Attention math switched for export is switched back; an fp16 export works on a copy."""
+    from mmgt.attention import AttnProcessor, attention_modules
+
+    from export.onnx import export_attention
+
+    unet = tiny_models.denoising_unet
+
+    def backends():
+        return {n: l.processor.backend for n, l in attention_modules(unet).items()
+                if isinstance(l.processor, AttnProcessor)}
+
+    before = backends()
+    with export_attention(unet):
+        assert set(backends().values()) == {"export"}
+    assert backends() == before and set(before.values()) == {"sdpa"}
+    weight = tiny_models.pose_guider.conv_in.weight.detach().clone()
+    export_onnx(network_specs(TINY, shapes)["pose_guider"], tiny_models, tmp_path, precision="fp16")
+    assert torch.equal(tiny_models.pose_guider.conv_in.weight, weight)  # same dtype, same values

@@ -1,0 +1,165 @@
+"""Cache keys, digests, manifests and atomic writes: what makes an artifact new, what makes it invalid."""
+import copy
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.cli import key_fields
+from export.manifest import (MANIFEST_NAME, ONNX_NAME, ArtifactError, ExportShapes, atomic_directory, cache_key,
+                             config_hash, find_artifact, make_manifest, network_weights, validate_artifact,
+                             weights_digest, write_manifest)
+from export.specs import network_specs
+from mmgt.config import TINY
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _keys(cfg=TINY, models=None, precision="fp32", opset=17, **shape_args):
+    shapes = ExportShapes.from_config(cfg, **{"chunk": 4, **shape_args})
+    specs = network_specs(cfg, shapes)
+    out = {}
+    for name, spec in specs.items():
+        digest = weights_digest(network_weights(models, name)) if models is not None else "w"
+        out[name] = cache_key(key_fields(spec, cfg, shapes, digest, "onnx", spec.precision(precision), opset))
+    return out
+
+
+def test_chunk_changes_only_the_networks_it_shapes():
+    a, b = _keys(chunk=4), _keys(chunk=8)
+    changed = {n for n in a if a[n] != b[n]}
+    assert changed == {"pose_guider", "denoising_unet", "vae_decoder"}
+
+
+def test_window_changes_the_stage1_keys():
+    a, b = _keys(), _keys(window=40)
+    assert a["smga_step"] != b["smga_step"] and a["wavlm"] != b["wavlm"] and a["wav2vec2"] != b["wav2vec2"]
+    assert "smga_step_guided" not in b  # the null condition has 80 tokens
+    assert a["denoising_unet"] == b["denoising_unet"]
+
+
+def test_guidance_changes_the_denoiser_batch_and_key():
+    a, b = _keys(guidance=1.0), _keys(guidance=3.5)
+    assert a["denoising_unet"] != b["denoising_unet"] and a["reference_unet"] == b["reference_unet"]
+
+
+def test_precision_and_opset_change_the_key():
+    a, b, c = _keys(), _keys(precision="fp16"), _keys(opset=18)
+    assert a["pose_guider"] != b["pose_guider"] and a["pose_guider"] != c["pose_guider"]
+    assert a["smga_step"] == b["smga_step"]  # Stage I is exported in fp32 whatever is asked
+
+
+def test_weights_change_the_key(tiny_models):
+    a = _keys(models=tiny_models)
+    other = copy.copy(tiny_models)
+    other.pose_guider = copy.deepcopy(tiny_models.pose_guider)
+    with torch.no_grad():
+        other.pose_guider.conv_in.weight[0, 0, 0, 0] += 1e-3
+    b = _keys(models=other)
+    assert {n for n in a if a[n] != b[n]} == {"pose_guider"}
+
+
+def test_runtime_config_fields_do_not_change_the_key():
+    cfg = replace(TINY, smga=replace(TINY.smga, sample_steps=3, guidance=1.0),
+                  sampler=replace(TINY.sampler, steps=7))
+    assert _keys(cfg) == _keys()
+    wider = replace(TINY, unet=replace(TINY.unet, attention_heads=4))
+    assert config_hash(wider, ("unet",)) != config_hash(TINY, ("unet",))
+
+
+def test_weights_digest_matches_across_dtypes(tiny_models):
+    """Export records the fp16 digest of its fp32 weights; a model held in fp16 at run time matches it."""
+    mods = network_weights(tiny_models, "pose_guider")
+    half = {k: copy.deepcopy(m).half() for k, m in mods.items()}
+    assert weights_digest(half, "float16") == weights_digest(mods, "float16")
+    assert weights_digest(half) != weights_digest(mods)
+    assert weights_digest(network_weights(tiny_models, "vae_decoder")) != \
+        weights_digest(network_weights(tiny_models, "vae_encoder"))
+
+
+def _artifact(tmp_path, fields=None, payload=b"model bytes"):
+    fields = fields or {"network": "pose_guider", "format": "onnx", "precision": "fp32", "shapes": {"chunk": 4}}
+    key = cache_key(fields)
+    with atomic_directory(tmp_path / "pose_guider" / key) as tmp:
+        (tmp / ONNX_NAME).write_bytes(payload)
+        write_manifest(tmp, make_manifest(fields, tmp, [ONNX_NAME], {"note": "x"}))
+    return tmp_path / "pose_guider" / key
+
+
+def test_validate_detects_every_kind_of_damage(tmp_path):
+    directory = _artifact(tmp_path)
+    validate_artifact(directory)
+    model, manifest_path = directory / ONNX_NAME, directory / MANIFEST_NAME
+    good_manifest, good_model = manifest_path.read_text(), model.read_bytes()
+    cases = {
+        "truncated": lambda: model.write_bytes(good_model[:3]),
+        "sha256": lambda: model.write_bytes(good_model[::-1]),
+        "missing": lambda: model.unlink(),
+        "modified": lambda: manifest_path.write_text(good_manifest.replace('"note": "x"', '"note": "y"')),
+        "no manifest": lambda: manifest_path.unlink(),
+    }
+    for expected, damage in cases.items():
+        damage()
+        with pytest.raises(ArtifactError, match=expected):
+            validate_artifact(directory)
+        manifest_path.write_text(good_manifest)
+        model.write_bytes(good_model)
+    validate_artifact(directory)
+    # a valid artifact under a name that is not its key
+    moved = directory.parent / "0123456789abcdef0123"
+    directory.rename(moved)
+    with pytest.raises(ArtifactError, match="directory is 0123456789abcdef0123"):
+        validate_artifact(moved)
+
+
+def test_resealed_manifest_with_other_key_fields_is_refused(tmp_path):
+    directory = _artifact(tmp_path)
+    data = json.loads((directory / MANIFEST_NAME).read_text())
+    data["key_fields"]["shapes"]["chunk"] = 8  # consistent seal, but the fields no longer hash to the directory
+    from export.manifest import _body_digest
+
+    data["manifest_sha256"] = _body_digest(data)
+    (directory / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="key fields hash to"):
+        validate_artifact(directory)
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+    final = tmp_path / "net" / "key"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(final) as tmp:
+            (tmp / ONNX_NAME).write_bytes(b"half")
+            raise RuntimeError("exporter crashed")
+    assert not final.exists() and list((tmp_path / "net").iterdir()) == []
+    # replacing an existing (invalid) directory swaps it whole
+    final.mkdir()
+    (final / "stale").write_text("old")
+    with atomic_directory(final) as tmp:
+        (tmp / ONNX_NAME).write_bytes(b"new")
+    assert sorted(p.name for p in final.iterdir()) == [ONNX_NAME]
+    assert [p.name for p in (tmp_path / "net").iterdir()] == ["key"]
+
+
+def test_find_artifact_matches_and_explains(tmp_path):
+    _artifact(tmp_path)
+    want = {"network": "pose_guider", "format": "onnx", "precision": "fp32", "shapes": {"chunk": 4, "latent": 8}}
+    directory, manifest = find_artifact(tmp_path, "pose_guider", want)
+    assert manifest["cache_key"] == directory.name
+    with pytest.raises(ArtifactError, match=r"shapes.chunk is 4, wanted 8.*run engine export"):
+        find_artifact(tmp_path, "pose_guider", {**want, "shapes": {"chunk": 8}}, hint="run engine export")
+    with pytest.raises(ArtifactError, match="other weights"):
+        find_artifact(tmp_path, "pose_guider", want, check=lambda m: "other weights")
+    with pytest.raises(ArtifactError, match="none exported"):
+        find_artifact(tmp_path, "vae_decoder", want)
+
+
+def test_manifest_module_imports_without_torch():
+    code = ("import sys; sys.modules['torch'] = None; import export.manifest as m; "
+            "print(m.cache_key({'a': 1}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.strip()) == 20
