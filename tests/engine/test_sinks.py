@@ -1,6 +1,7 @@
 """engine.sinks: mp4 with audio (read back with PyAV), atomic failure paths, NullSink, QueueSink dropping."""
 import asyncio
 import os
+from pathlib import Path
 import threading
 import time
 
@@ -109,16 +110,22 @@ def test_mp4_unwritable_destination_fails_at_open(tmp_path):
     assert os.listdir(tmp_path) == ["file.txt"]
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
 def test_mp4_read_only_directory_fails_at_open(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
+    """A directory the process may not write to fails at open(), before any frame. Root ignores directory modes,
+    so as root the unwritable directory is /proc (no regular file can be created there by anyone)."""
+    if os.geteuid() == 0:
+        ro = Path("/proc/self")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
     try:
         with pytest.raises(SinkError, match="not writable"):
             Mp4Sink(ro / "out.mp4", _tone(0.4), SR).open(_meta())
+        assert not (ro / "out.mp4").exists()
     finally:
-        ro.chmod(0o755)
+        if ro.parent == tmp_path:
+            ro.chmod(0o755)
 
 
 def test_mp4_rejects_gaps_and_empty_videos(tmp_path):
