@@ -126,7 +126,20 @@ class RunReport:
     preset: str = ""
     trained: bool = True
     note: str = ""
-    events: List[StageEvent] = field(default_factory=list)
+    events: List[StageEvent] = field(default_factory=list)  # the timeline (the newest MAX_EVENTS in long runs)
+    first_frame_out: float = -1.0  # seconds since run start when the first frames reached the sink
+    last_frame_out: float = 0.0  # ... when the last frames did
+
+    MAX_EVENTS = 4096  # a live stream runs for hours: keep the timeline's tail only
+
+    def add_event(self, event: StageEvent) -> None:
+        self.events.append(event)
+        if len(self.events) > self.MAX_EVENTS:
+            del self.events[: len(self.events) - self.MAX_EVENTS // 2]
+        if event.stage == "sink":
+            if self.first_frame_out < 0:
+                self.first_frame_out = event.end
+            self.last_frame_out = event.end
 
     def summary(self) -> str:
         return (f"{self.frames} frames ({self.media_seconds:.2f} s) in {self.wall_seconds:.2f} s: "
@@ -143,27 +156,50 @@ class RunReport:
 
 
 class _AudioBuffer:
-    """Audio received so far on the sample clock; reads past the end are zero-padded."""
+    """Audio on the sample clock: reads past the newest sample are zero-padded.
 
-    def __init__(self, samples: Optional[np.ndarray] = None):
-        self._parts: List[np.ndarray] = [] if samples is None else [np.asarray(samples, np.float32)]
-        self._data = self._parts[0] if self._parts else np.zeros(0, np.float32)
+    Offline it wraps the whole waveform. Live (``keep`` samples) it is a ring that holds only the newest ``keep``
+    samples, so an hours-long stream has bounded memory and no append copies more than the ring; a read of audio
+    that has already left the ring is an error, never silent zeros.
+    """
+
+    def __init__(self, samples: Optional[np.ndarray] = None, keep: Optional[int] = None):
+        self.keep = keep
+        self._data = np.zeros(0, np.float32) if samples is None else np.asarray(samples, np.float32)
+        self._offset = 0  # clock sample of _data[0]
+        self._len = len(self._data)  # valid samples in _data
+        if keep is not None:
+            self._data = np.zeros(2 * keep, np.float32)  # room for `keep` samples plus one compaction's worth
 
     def append(self, samples: np.ndarray) -> None:
-        self._data = np.concatenate([self._data, np.asarray(samples, np.float32)])
+        x = np.asarray(samples, np.float32).reshape(-1)
+        if self.keep is None:  # unbounded (offline callers append rarely)
+            self._data = np.concatenate([self._data[:self._len], x])
+            self._len = len(self._data)
+            return
+        if len(x) >= self.keep:  # a huge chunk: only its newest `keep` samples can ever be read
+            self._offset += self._len + len(x) - self.keep
+            x, self._len = x[-self.keep:], 0
+        if self._len + len(x) > len(self._data):  # compact: keep the newest keep - len(x) samples
+            drop = self._len + len(x) - self.keep
+            self._data[: self._len - drop] = self._data[drop:self._len]
+            self._offset += drop
+            self._len -= drop
+        self._data[self._len:self._len + len(x)] = x
+        self._len += len(x)
 
-    def __len__(self) -> int:
-        return len(self._data)
+    def __len__(self) -> int:  # the newest sample's clock position + 1
+        return self._offset + self._len
 
     def read(self, start: int, end: int) -> np.ndarray:
+        if start < self._offset and start < end:
+            raise RuntimeError(f"live audio: samples from {start} were read after leaving the "
+                               f"{(self.keep or 0) / AUDIO_SAMPLE_RATE:.0f} s buffer (oldest kept {self._offset})")
         out = np.zeros(end - start, np.float32)
-        have = self._data[start:min(end, len(self._data))]
-        out[:len(have)] = have
+        lo, hi = start - self._offset, min(end, len(self)) - self._offset
+        if hi > lo:
+            out[:hi - lo] = self._data[lo:hi]
         return out
-
-    @property
-    def data(self) -> np.ndarray:
-        return self._data
 
 
 class Runner:
@@ -207,12 +243,16 @@ class Runner:
         return self._execute(feed(), buf, sink, t0, total_frames=total, progress=progress)
 
     def run_stream(self, chunks: Iterable[AudioChunk], sink: FrameSink,
-                   progress: Optional[Callable[[int], None]] = None) -> RunReport:
-        """Live: audio arrives chunk by chunk; a window starts as soon as its hop + lookahead of audio is in."""
+                   progress: Optional[Callable[[int], None]] = None, keep_seconds: float = 60.0) -> RunReport:
+        """Live: audio arrives chunk by chunk; a window starts as soon as its hop + lookahead of audio is in.
+
+        Memory stays bounded however long the stream: the newest ``keep_seconds`` of audio are kept (a window
+        reads at most W frames behind the newest sample while the engine keeps up) and only the latest events
+        are kept in the report."""
         s = self.settings
         lookahead = s.lookahead if s.lookahead is not None else s.window - s.hop
         planner = StreamPlanner(s.window, s.hop, s.crossfade, lookahead)
-        buf = _AudioBuffer()
+        buf = _AudioBuffer(keep=max(int(keep_seconds * AUDIO_SAMPLE_RATE), 2 * s.window * AUDIO_SAMPLE_RATE // FPS))
         t0 = time.perf_counter()
 
         def feed() -> Iterator[Tuple[Window, float]]:
@@ -232,7 +272,6 @@ class Runner:
     def _execute(self, windows: Iterator[Tuple[Window, float]], buf: _AudioBuffer, sink: FrameSink, t0: float,
                  total_frames: Optional[int], progress) -> RunReport:
         cfg, s = self.models.cfg, self.settings
-        self._stop.clear()
         report = RunReport(settings=asdict(s), preset=cfg.name, trained=cfg.trained,
                            note="" if cfg.trained else P.UNTRAINED_NOTE)
         first_audio_ready: List[float] = []
@@ -252,7 +291,7 @@ class Runner:
                 prev_vec, prev_start = vec, w.start
                 b = time.perf_counter()
                 with lock:
-                    report.events.append(StageEvent("stage1", w.index, a - t0, b - t0, pw.n_frames))
+                    report.add_event(StageEvent("stage1", w.index, a - t0, b - t0, pw.n_frames))
                     report.stage1_seconds += b - a
                     report.windows += 1
                 yield pw
@@ -275,16 +314,17 @@ class Runner:
                 self._stop.set()
             if pump:
                 pump.close()
+            self._stop.clear()  # the runner can run again; a stop() before a run still cancels that run
             sink.close(ok)
         if not ok:
             raise RenderCancelled("render stopped before the end; nothing was committed")
         # 3. Metrics
-        end = max((e.end for e in report.events if e.stage == "sink"), default=time.perf_counter() - t0)
+        end = report.last_frame_out if report.frames else time.perf_counter() - t0
         report.wall_seconds = end
         report.media_seconds = report.frames / FPS
         report.audio_seconds = len(buf) / AUDIO_SAMPLE_RATE
         report.real_time_factor = report.media_seconds / max(end, 1e-9)
-        first_sink = min((e.end for e in report.events if e.stage == "sink"), default=0.0)
+        first_sink = max(report.first_frame_out, 0.0)
         report.first_frame_latency = first_sink - ((first_audio_ready[0] - t0) if first_audio_ready else 0.0)
         report.av_offset_ms = abs(report.media_seconds - report.audio_seconds) * 1000 if total_frames else 0.0
         report.frames_dropped = int(getattr(sink, "dropped", 0))
@@ -364,8 +404,8 @@ class Runner:
             sink.write(FrameBatch(frames=out, first_frame=chunk.start + chunk.new_from, fps=FPS))
             c = time.perf_counter()
             with lock:
-                report.events.append(StageEvent("stage2", chunk.index, a - t0, b - t0, len(out)))
-                report.events.append(StageEvent("sink", chunk.index, b - t0, c - t0, len(out)))
+                report.add_event(StageEvent("stage2", chunk.index, a - t0, b - t0, len(out)))
+                report.add_event(StageEvent("sink", chunk.index, b - t0, c - t0, len(out)))
                 report.stage2_seconds += b - a
                 report.decode_seconds += b - d
                 report.chunks += 1

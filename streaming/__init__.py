@@ -1,0 +1,9 @@
+"""LIVE I/O: the WebRTC presenter (DESIGN.md, "Streaming"). Imports engine (and mmgt) only.
+
+* :mod:`streaming.server`  -- aiohttp page + POST /offer, one shared model set, sessions, teardown.
+* :mod:`streaming.session` -- one viewer: input audio -> Runner.run_stream -> QueueSink, paced by a feeder thread.
+* :mod:`streaming.tracks`  -- the avatar video track and the engine-audio track on one media clock.
+* :mod:`streaming.cli`     -- `engine serve`.
+
+aiohttp and aiortc are imported inside the functions that need them, so ``import streaming`` stays light.
+"""

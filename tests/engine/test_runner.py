@@ -132,3 +132,37 @@ def test_stop_cancels_without_commit(tiny_models, tiny_avatar, speech):
     with pytest.raises(RenderCancelled):
         runner.run(speech[: 16000 * 4], sink)
     assert sink.closed_ok is False
+
+
+def test_live_audio_buffer_is_bounded_and_refuses_reads_of_what_it_dropped():
+    from engine.runner import _AudioBuffer
+
+    buf = _AudioBuffer(keep=16000)  # 1 s at 16 kHz
+    for i in range(5):
+        buf.append(np.full(8000, i, np.float32))
+    assert len(buf) == 40000 and buf._data.nbytes == 2 * 16000 * 4  # memory does not grow with the stream
+    np.testing.assert_array_equal(buf.read(31990, 32010), [3] * 10 + [4] * 10)
+    np.testing.assert_array_equal(buf.read(39995, 40005), [4] * 5 + [0] * 5)  # past the newest sample: zeros
+    with pytest.raises(RuntimeError, match="after leaving the 1 s buffer"):
+        buf.read(23999, 24100)
+    buf.append(np.arange(50000, dtype=np.float32))  # one chunk larger than the ring
+    assert len(buf) == 90000
+    np.testing.assert_array_equal(buf.read(89998, 90000), [49998, 49999])
+
+
+def test_long_live_run_keeps_bounded_events(tiny_models, tiny_avatar):
+    from engine.runner import RunReport, StageEvent
+
+    rep = RunReport()
+    for i in range(3 * RunReport.MAX_EVENTS):
+        rep.add_event(StageEvent("sink", i, i, i + 0.5, 1))
+    assert len(rep.events) <= RunReport.MAX_EVENTS and rep.events[-1].index == 3 * RunReport.MAX_EVENTS - 1
+    assert rep.first_frame_out == 0.5  # the first frame is remembered after its event left the timeline
+
+
+def test_stop_before_run_cancels_it(tiny_models, tiny_avatar, speech):
+    runner = Runner(tiny_models, tiny_avatar, FAST)
+    runner.stop()
+    with pytest.raises(RenderCancelled):
+        runner.run(speech[:16000], CollectSink())
+    assert runner.run(speech[:16000], CollectSink()).frames == 25  # and the next run goes ahead

@@ -10,7 +10,7 @@ from mmgt.config import MMGT, TINY
 from mmgt.reference_net import ReferenceNet
 from mmgt.unet3d import UNet3D, reference_bank_layout
 
-KEYS_JSON = Path("/work/shared/mmgt_keys/net_state_dict_keys_shapes.json")
+KEYS_JSON = Path(__file__).resolve().parents[3] / "shared" / "mmgt_keys" / "net_state_dict_keys_shapes.json"
 CFG = TINY.unet
 SIDE = 8
 

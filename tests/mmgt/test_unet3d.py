@@ -14,7 +14,7 @@ from mmgt.mmhaa import MMHAA, AudioTransformerBlock
 from mmgt.motion_module import MotionModule
 from mmgt.unet3d import UNet3D, audio_mask_levels, reference_bank_layout
 
-KEYS_JSON = Path("/work/shared/mmgt_keys/net_state_dict_keys_shapes.json")
+KEYS_JSON = Path(__file__).resolve().parents[3] / "shared" / "mmgt_keys" / "net_state_dict_keys_shapes.json"
 CFG = TINY.unet
 B, F, SIDE, AUDIO_TOKENS = 2, 3, 8, 4
 

@@ -1,0 +1,147 @@
+"""`engine serve`: the live presenter (WebRTC) from the command line.
+
+Kept light on purpose: ``engine --help`` imports this module, so aiohttp, aiortc and torch are imported only inside
+:func:`cmd_serve`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("engine.serve")
+
+REACH = """\
+reaching it from another machine:
+  The page and signalling (HTTP) listen on --host:--port, 127.0.0.1:8080 by default, so only this machine can open
+  it. To serve other machines, bind a reachable address and open the ports:
+      engine serve --host 0.0.0.0 --port 8080 --udp-ports 40000-40100
+  then browse to http://<this machine's address>:8080/ and allow TCP 8080 plus UDP 40000-40100 (the WebRTC media:
+  every session's ICE host candidates bind ports in --udp-ports) in the firewall. Without --udp-ports the media uses
+  random ephemeral UDP ports. --media-address pins the address(es) offered for media when the machine has several.
+  Browsers allow the microphone only on https:// or http://localhost: from another machine use an https reverse
+  proxy (or an SSH tunnel for the page and signalling, ssh -L 8080:127.0.0.1:8080 host, then
+  http://localhost:8080/; the media still needs the UDP range), or pick "file" as the source on the page.
+  No STUN/TURN server is used: client and server must reach each other's addresses directly.
+"""
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port must be a number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 1-65535, got {value}")
+    return value
+
+
+def _port_range(text: str):
+    from streaming.server import parse_port_range
+
+    try:
+        return parse_port_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `serve` command to the `engine` command line."""
+    from engine import cli as engine_cli
+    from engine.settings import LIVE
+
+    p = subparsers.add_parser(
+        "serve", help="live avatar over WebRTC: a demo page, microphone or file in, avatar video + audio out",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=REACH,
+        description="Serve the live presenter: open http://HOST:PORT/ in a browser, press start, speak (or pick an "
+                    "audio file); the avatar video and the matching audio come back over WebRTC, on one media "
+                    "clock. While nobody speaks the avatar idles. Models and the avatar image are loaded once and "
+                    "shared by all sessions; each session renders in its own threads. Scheduling defaults: "
+                    "engine/settings.py LIVE on a GPU; on a CPU the cheaper streaming.session.CPU_LIVE (hop 40, "
+                    "chunk 32, overlap 4, 1 step, 2 pose steps); the flags below override either.")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="HTTP bind address for the page and signalling (default 127.0.0.1: this machine only; "
+                          "0.0.0.0 for every interface)")
+    net.add_argument("--port", type=_port, default=8080, help="HTTP port (default 8080)")
+    net.add_argument("--udp-ports", type=_port_range, metavar="MIN-MAX",
+                     help="UDP port range for the WebRTC media (ICE); open it in the firewall (default: ephemeral)")
+    net.add_argument("--media-address", action="append", metavar="ADDR",
+                     help="offer media only on this local address (repeatable; default: every non-loopback one)")
+    net.add_argument("--max-sessions", type=_positive, default=2,
+                     help="concurrent sessions; more offers get HTTP 503 (default 2)")
+    net.add_argument("--idle-timeout", type=float, default=15.0,
+                     help="free a session whose client sent nothing (no RTCP) for this many seconds (default 15)")
+    src = p.add_argument_group("audio input")
+    src.add_argument("--mic", action="store_true",
+                     help="drive every session from this machine's microphone (sounddevice) instead of the browser's")
+    src.add_argument("--mic-device", metavar="DEV", help="input device index or name for --mic (default: system's)")
+    av = p.add_argument_group("avatar")
+    av.add_argument("--image", type=Path, help="reference image of the person (default: the bundled portrait)")
+    av.add_argument("--init-pose", type=Path, help="initial pose of the reference image (134, 3) .npz/.npy/.json")
+    live = p.add_argument_group("live session")
+    live.add_argument("--queue-frames", type=_positive,
+                      help="per-session frame queue; a slow client drops the oldest frames beyond it (default: 100, "
+                           "or what the chunk layout needs if more)")
+    live.add_argument("--start-margin", type=float, default=0.25,
+                      help="playout delay after the first frame, absorbs render jitter (seconds, default 0.25)")
+    engine_cli._add_model_flags(p)
+    engine_cli._add_settings_flags(p, LIVE)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args) -> int:
+    """Load the models and the avatar once, then serve until Ctrl-C."""
+    from engine import cli as engine_cli
+    from engine.settings import LIVE
+
+    try:  # the optional live stack: a clear message instead of a traceback when it is missing
+        import aiohttp  # noqa: F401
+        import aiortc  # noqa: F401
+    except ImportError as e:
+        raise engine_cli.CLIError(f"`engine serve` needs aiohttp and aiortc ({e}); pip install aiohttp aiortc") from e
+    import torch
+
+    from streaming.server import ServerConfig, load_avatar, serve
+    from streaming.session import CPU_LIVE, SessionOptions, min_queue_frames
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = engine_cli._settings_from(args, LIVE if device.startswith("cuda") else CPU_LIVE)
+    try:
+        queue = args.queue_frames or max(100, min_queue_frames(settings))
+        options = SessionOptions(settings=settings, queue_frames=queue, start_margin=args.start_margin)
+        options.layout()
+    except ValueError as e:
+        raise engine_cli.CLIError(str(e)) from e
+    image = engine_cli._read_image(args.image or engine_cli.ASSETS / "portrait.jpg")
+    models = engine_cli._load_models(args)
+    avatar = load_avatar(models, image, pose_file=args.init_pose, weights_dir=args.weights)
+    config = ServerConfig(host=args.host, port=args.port, max_sessions=args.max_sessions, udp_ports=args.udp_ports,
+                          media_addresses=tuple(args.media_address) if args.media_address else None,
+                          idle_timeout=args.idle_timeout, mic=args.mic, mic_device=args.mic_device, session=options)
+    where = f"http://{'localhost' if args.host in ('127.0.0.1', 'localhost') else args.host}:{args.port}/"
+    print(f"engine serve: {where} (preset {models.cfg.name}, up to {args.max_sessions} sessions; Ctrl-C stops)",
+          flush=True)
+    from engine.sources import AudioDeviceError
+
+    try:
+        serve(models, avatar, config)
+    except AudioDeviceError as e:
+        raise engine_cli.CLIError(f"--mic: {e}") from e
+    except OSError as e:  # the HTTP port is taken or the address is not ours
+        raise engine_cli.CLIError(f"cannot listen on {args.host}:{args.port}: {e}") from e
+    return 0
+
+
+__all__ = ["add_serve_parser", "cmd_serve", "REACH"]

@@ -1,0 +1,473 @@
+"""The live presenter's server: aiohttp serves the demo page and signalling, aiortc carries the media.
+
+Routes (the signalling contract):
+
+* ``GET /`` -- the demo page (streaming/static/); ``GET /static/<file>`` its script and style.
+* ``POST /offer`` -- JSON ``{"sdp": "...", "type": "offer"}`` -> JSON ``{"sdp": "...", "type": "answer",
+  "session": ID}``. The offer must have a video m-line the client receives on (the avatar), and may have an audio
+  m-line (the microphone, or a file the page plays, goes up; the rendered audio comes back). Errors: 400 with a
+  message for a body that is not JSON, not an SDP offer, has no video to receive, or does not parse; 503 when
+  ``max_sessions`` sessions are running.
+* ``GET /stats/<session>`` -- the session's live stats (state, first-frame latency, fps, A/V offset, drops).
+* ``POST /close/<session>`` -- end a session now (the page sends it when it is left).
+* ``GET /health`` -- sessions running and the limit.
+
+The models and the avatar (one reference image) are loaded once and shared; every session has its own Runner,
+LiveSource, QueueSink and tracks (streaming/session.py). The denoiser and the ReferenceNet keep per-call state on the
+module (the reference bank), so concurrent sessions take turns on them through one lock (:func:`share_models`); on a
+CPU that costs nothing (the cores are busy either way), on a GPU it serialises kernels that would share it anyway.
+
+A session ends when its peer connection closes or fails (ICE failure), when the page leaves (``/close``), when the
+client goes silent (no RTCP receiver report for ``idle_timeout`` seconds: it vanished), or when ICE does not connect
+within ``connect_timeout`` seconds. Ending it stops the runner and joins its threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import errno
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .session import Session, SessionOptions
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # HTTP bind address (signalling and the page); 0.0.0.0 to serve other machines
+    port: int = 8080
+    max_sessions: int = 2
+    udp_ports: Optional[Tuple[int, int]] = None  # media (ICE host candidates) only from this range
+    media_addresses: Optional[Tuple[str, ...]] = None  # ICE host candidates only on these addresses
+    idle_timeout: float = 15.0  # no RTCP from the client for this long: it vanished, free the session
+    connect_timeout: float = 30.0  # ICE not connected this long after the offer: free the session
+    mic: bool = False  # feed every session from the server's microphone instead of the browser's
+    mic_device: Optional[str] = None
+    session: SessionOptions = field(default_factory=SessionOptions)
+
+
+class BadRequest(Exception):
+    """A client error: answered with HTTP 400 and this message."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared models
+# ----------------------------------------------------------------------------------------------------------------
+def share_models(models, lock: Optional[threading.Lock] = None):
+    """Make ``models`` safe to share between sessions: calls of the networks that keep per-call state on the module
+    (the denoiser's reference-bank reader, the ReferenceNet's bank recorder) take one lock. Returns the lock."""
+    lock = lock or threading.Lock()
+    for name in ("denoising_unet", "reference_unet"):
+        module = getattr(models, name)
+        if getattr(module, "_streaming_lock", None) is not None:
+            continue
+        inner = module.forward
+
+        def locked_forward(*args, _inner=inner, **kwargs):
+            with lock:
+                return _inner(*args, **kwargs)
+
+        module.forward = locked_forward  # instance attribute: nn.Module.__call__ looks it up on the instance
+        module._streaming_lock = lock
+    return lock
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Network: which addresses and UDP ports the media uses
+# ----------------------------------------------------------------------------------------------------------------
+def parse_port_range(text: str) -> Tuple[int, int]:
+    """``"MIN-MAX"`` -> (MIN, MAX); ValueError naming the problem."""
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text or "")
+    if not m:
+        raise ValueError(f"UDP port range {text!r}: expected MIN-MAX, e.g. 40000-40100")
+    lo, hi = int(m.group(1)), int(m.group(2))
+    if not 1024 <= lo <= hi <= 65535:
+        raise ValueError(f"UDP port range {text!r}: need 1024 <= MIN <= MAX <= 65535")
+    return lo, hi
+
+
+def restrict_udp_ports(loop: asyncio.AbstractEventLoop, lo: int, hi: int) -> None:
+    """Make the ICE host candidates created on ``loop`` bind ports in [lo, hi] (aioice itself asks for port 0).
+
+    Only datagram endpoints bound to port 0 with no remote address are redirected (that is how aioice gathers host
+    candidates); every other use of the loop is untouched. Ports are tried round-robin; busy ones are skipped."""
+    original = loop.create_datagram_endpoint
+    span = hi - lo + 1
+    cursor = [0]
+
+    async def create_datagram_endpoint(protocol_factory, local_addr=None, remote_addr=None, **kwargs):
+        if local_addr is None or remote_addr is not None or local_addr[1] != 0:
+            return await original(protocol_factory, local_addr=local_addr, remote_addr=remote_addr, **kwargs)
+        for i in range(span):
+            port = lo + (cursor[0] + i) % span
+            try:
+                result = await original(protocol_factory, local_addr=(local_addr[0], port), **kwargs)
+            except OSError as e:
+                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                    continue
+                raise
+            cursor[0] = (port - lo + 1) % span
+            return result
+        raise OSError(errno.EADDRINUSE, f"no free UDP port in {lo}-{hi} on {local_addr[0]} for WebRTC media")
+
+    loop.create_datagram_endpoint = create_datagram_endpoint  # type: ignore[method-assign]
+
+
+def pin_media_addresses(addresses: Sequence[str]) -> None:
+    """ICE host candidates only on ``addresses`` (aioice would offer every non-loopback address of the machine)."""
+    import aioice.ice
+
+    pinned = list(addresses)
+    aioice.ice.get_host_addresses = lambda use_ipv4=True, use_ipv6=True: list(pinned)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Offers
+# ----------------------------------------------------------------------------------------------------------------
+def _media_sections(sdp: str) -> List[Tuple[str, str]]:
+    """[(kind, direction)] per m-line of an SDP (direction as the offerer states it; sendrecv by default)."""
+    sections: List[Tuple[str, str]] = []
+    for line in sdp.splitlines():
+        line = line.strip()
+        if line.startswith("m="):
+            sections.append((line[2:].split(" ", 1)[0], "sendrecv"))
+        elif sections and line in ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive"):
+            sections[-1] = (sections[-1][0], line[2:])
+    return sections
+
+
+def check_offer(body: object) -> Tuple[str, List[Tuple[str, str]]]:
+    """Validate a decoded /offer body; returns (sdp, media sections). BadRequest says what is wrong."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"offer must be a JSON object {{\"sdp\", \"type\"}}, got {type(body).__name__}")
+    sdp, kind = body.get("sdp"), body.get("type")
+    if kind != "offer":
+        raise BadRequest(f"offer \"type\" must be \"offer\", got {kind!r}")
+    if not isinstance(sdp, str) or not sdp.lstrip().startswith("v=0"):
+        raise BadRequest("offer \"sdp\" is not an SDP session description (it must start with \"v=0\")")
+    sections = _media_sections(sdp)
+    if not any(k == "video" and d in ("sendrecv", "recvonly") for k, d in sections):
+        raise BadRequest("offer has no video transceiver that receives (m=video, sendrecv or recvonly): "
+                         "add one, e.g. pc.addTransceiver('video', {direction: 'recvonly'})")
+    return sdp, sections
+
+
+def _to_samples(frame) -> Tuple[np.ndarray, int]:
+    """A decoded aiortc AudioFrame -> ((N,) or (N, channels) samples, sample rate)."""
+    arr = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if frame.format.is_planar:  # (channels, N)
+        arr = arr.T
+    else:  # packed: (1, N * channels), interleaved
+        arr = arr.reshape(-1, channels)
+    return arr, frame.sample_rate
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The server
+# ----------------------------------------------------------------------------------------------------------------
+class AvatarServer:
+    """Sessions over one shared model set and avatar; build the aiohttp app with :meth:`app`."""
+
+    def __init__(self, models, avatar, config: ServerConfig = ServerConfig()):
+        self.models, self.avatar, self.config = models, avatar, config
+        self.layout = config.session.layout()  # bad live settings fail here, not at the first viewer
+        self.model_lock = share_models(models)
+        self.sessions: Dict[str, Session] = {}
+        self._pcs: Dict[str, object] = {}
+        self._tasks: Dict[str, List[asyncio.Task]] = {}
+        self._reserved = 0  # offers being answered (counted against max_sessions)
+        self.closed_sessions: Dict[str, Dict] = {}  # last stats of ended sessions (bounded), for /stats
+        self.mic = None
+        self._mic_thread: Optional[threading.Thread] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def warmup(self, seconds: float = 1.5) -> float:
+        """Render ``seconds`` of silence once (first calls allocate and pick kernels), so the first viewer does not
+        pay for it in first-frame latency. Returns the wall time it took."""
+        from engine.runner import Runner
+        from engine.sinks import NullSink
+
+        t = time.perf_counter()
+        audio = np.zeros(int(seconds * 16000), np.float32)
+        Runner(self.models, self.avatar, self.config.session.settings).run(audio, NullSink())
+        return time.perf_counter() - t
+
+    # ------------------------------------------------------------------------------------------------------------
+    def app(self):
+        from aiohttp import web
+
+        app = web.Application(client_max_size=1 << 20)  # an SDP offer is a few KB
+        app.router.add_get("/", self._index)
+        app.router.add_post("/offer", self._offer)
+        app.router.add_get("/stats/{sid}", self._stats)
+        app.router.add_post("/close/{sid}", self._close)
+        app.router.add_get("/health", self._health)
+        app.router.add_static("/static/", STATIC_DIR)
+        app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
+        return app
+
+    async def _on_startup(self, app) -> None:
+        self._loop = asyncio.get_running_loop()
+        c = self.config
+        if c.media_addresses:
+            pin_media_addresses(c.media_addresses)
+        if c.udp_ports:
+            restrict_udp_ports(self._loop, *c.udp_ports)
+
+    async def _on_shutdown(self, app) -> None:
+        await asyncio.gather(*(self.close_session(sid, "server shutting down") for sid in list(self.sessions)))
+        if self.mic is not None:
+            self.mic.close()
+            if self._mic_thread is not None:
+                self._mic_thread.join(5)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def start_mic(self) -> None:
+        """The server's microphone feeds every session (the browser's audio is then ignored); AudioDeviceError
+        (engine.sources) names the device and the cause when it cannot be opened."""
+        from engine.sources import MicrophoneSource
+
+        device = self.config.mic_device
+        if device is not None and device.isdigit():
+            device = int(device)
+        self.mic = MicrophoneSource(device=device)
+        self.mic.start()  # AudioDeviceError names the device and the cause
+
+        def pump() -> None:
+            for chunk in self.mic.live:  # ends when the microphone is closed
+                for s in list(self.sessions.values()):
+                    s.push_input(chunk.samples, chunk.sample_rate, source="server-mic")
+
+        self._mic_thread = threading.Thread(target=pump, name="server-mic", daemon=True)
+        self._mic_thread.start()
+
+    # ------------------------------------------------------------------------------------------------------------
+    async def _index(self, request):
+        from aiohttp import web
+
+        return web.FileResponse(STATIC_DIR / "index.html")
+
+    async def _health(self, request):
+        from aiohttp import web
+
+        return web.json_response({"sessions": len(self.sessions), "max_sessions": self.config.max_sessions,
+                                  "preset": self.models.cfg.name, "trained": self.models.cfg.trained})
+
+    async def _stats(self, request):
+        from aiohttp import web
+
+        sid = request.match_info["sid"]
+        s = self.sessions.get(sid)
+        if s is not None:
+            return web.json_response(s.stats())
+        if sid in self.closed_sessions:
+            return web.json_response(self.closed_sessions[sid])
+        return web.json_response({"error": f"no session {sid!r}"}, status=404)
+
+    async def _close(self, request):
+        from aiohttp import web
+
+        sid = request.match_info["sid"]
+        if sid not in self.sessions:
+            return web.json_response({"error": f"no session {sid!r}"}, status=404)
+        await self.close_session(sid, "closed by the page")
+        return web.json_response({"closed": sid})
+
+    async def _offer(self, request):
+        from aiohttp import web
+
+        try:
+            try:
+                body = json.loads(await request.text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadRequest(f"offer body is not valid JSON: {e}") from e
+            sdp, sections = check_offer(body)
+        except BadRequest as e:
+            log.info("POST /offer from %s: 400 %s", request.remote, e)
+            return web.json_response({"error": str(e)}, status=400)
+        if len(self.sessions) + self._reserved >= self.config.max_sessions:
+            msg = f"server is full: {self.config.max_sessions} session(s) running; try again later"
+            log.info("POST /offer from %s: 503 %s", request.remote, msg)
+            return web.json_response({"error": msg}, status=503, headers={"Retry-After": "10"})
+        self._reserved += 1
+        try:
+            return await self._answer(sdp, sections)
+        except BadRequest as e:
+            log.info("POST /offer from %s: 400 %s", request.remote, e)
+            return web.json_response({"error": str(e)}, status=400)
+        except Exception as e:  # noqa: BLE001 - one failing session must not stop the server
+            log.exception("POST /offer from %s: session set-up failed", request.remote)
+            return web.json_response({"error": f"session set-up failed: {type(e).__name__}: {e}"}, status=500)
+        finally:
+            self._reserved -= 1
+
+    async def _answer(self, sdp: str, sections):
+        from aiohttp import web
+        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+        # 1. the session (its own Runner, LiveSource, QueueSink, tracks; the models are shared)
+        loop = asyncio.get_running_loop()
+        session = await loop.run_in_executor(None, lambda: Session(self.models, self.avatar, self.config.session))
+        sid = session.id
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN/TURN: nothing leaves for a third host
+        tasks: List[asyncio.Task] = []
+
+        # 2. handlers first: setRemoteDescription fires "track" for the offer's audio
+        @pc.on("track")
+        def on_track(track) -> None:
+            if track.kind != "audio":
+                return
+            if self.config.mic:
+                log.info("session %s: browser audio ignored (--mic: the server's microphone drives it)", sid)
+                return
+            tasks.append(asyncio.ensure_future(self._read_audio(session, track)))
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            log.info("session %s: connection %s", sid, pc.connectionState)
+            if pc.connectionState in ("failed", "closed"):
+                await self.close_session(sid, f"peer connection {pc.connectionState}")
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        except Exception as e:  # aiortc raises ValueError and others for SDP it cannot use
+            await pc.close()
+            await loop.run_in_executor(None, session.close, "bad offer")
+            raise BadRequest(f"cannot use the SDP offer: {type(e).__name__}: {e}") from e
+        # 3. our tracks on the offer's transceivers: the avatar video, and the rendered audio if it wants audio
+        pc.addTrack(session.video)
+        if any(k == "audio" and d in ("sendrecv", "recvonly") for k, d in sections):
+            pc.addTrack(session.audio)
+
+        try:
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+        except Exception as e:
+            await pc.close()
+            await loop.run_in_executor(None, session.close, "offer failed")
+            raise BadRequest(f"cannot answer the SDP offer: {type(e).__name__}: {e}") from e
+        self.sessions[sid], self._pcs[sid], self._tasks[sid] = session, pc, tasks
+        session.start()
+        tasks.append(asyncio.ensure_future(self._watch(sid)))
+        log.info("session %s: started (%d/%d)", sid, len(self.sessions), self.config.max_sessions)
+        desc = pc.localDescription
+        return web.json_response({"sdp": desc.sdp, "type": desc.type, "session": sid})
+
+    async def _read_audio(self, session: Session, track) -> None:
+        """Browser audio (microphone or the page's file) -> the session's input, until the track ends."""
+        from aiortc.mediastreams import MediaStreamError
+
+        try:
+            while not session.closed:
+                frame = await track.recv()
+                samples, rate = _to_samples(frame)
+                session.push_input(samples, rate, source="browser")
+        except MediaStreamError:
+            log.debug("session %s: browser audio ended", session.id)
+
+    async def _watch(self, sid: str) -> None:
+        """Free the session when ICE never connects, the client goes silent, or the engine failed."""
+        c = self.config
+        connected_at: Optional[float] = None
+        while sid in self.sessions:
+            await asyncio.sleep(0.5)
+            session, pc = self.sessions.get(sid), self._pcs.get(sid)
+            if session is None or pc is None:
+                return
+            now = time.monotonic()
+            if session.state == "error":
+                await self.close_session(sid, f"engine failed: {session.error}")
+                return
+            if pc.connectionState != "connected":
+                if connected_at is None and now - session.created > c.connect_timeout:
+                    await self.close_session(sid, f"ICE did not connect within {c.connect_timeout:.0f} s")
+                    return
+                continue
+            connected_at = connected_at or now
+            # the client is alive while it reports on our media (RTCP) or sends its own; before our first frame
+            # there is nothing to report on, so the silence counts from when we started sending
+            heard = [connected_at, session.last_client_audio]
+            if session.clock.t0 is not None:
+                heard.append(session.clock.t0)
+            ago = await self._last_heard(pc)  # seconds since the last RTCP receiver report
+            if ago is not None:
+                heard.append(now - ago)
+            silent = now - max(h for h in heard if h is not None)
+            if silent > c.idle_timeout:
+                await self.close_session(sid, f"client silent for {silent:.1f} s (vanished)")
+                return
+
+    @staticmethod
+    async def _last_heard(pc) -> Optional[float]:
+        """Seconds since the client's last RTCP report on any of our senders (None before the first)."""
+        newest = None
+        for sender in pc.getSenders():
+            if sender.track is None:
+                continue
+            report = await sender.getStats()
+            for st in report.values():
+                if getattr(st, "type", None) == "remote-inbound-rtp":
+                    newest = st.timestamp if newest is None else max(newest, st.timestamp)
+        if newest is None:
+            return None
+        return (dt.datetime.now(dt.timezone.utc) - newest).total_seconds()
+
+    async def close_session(self, sid: str, reason: str) -> None:
+        """End one session: the peer connection, its tasks, the engine and feeder threads (joined)."""
+        session = self.sessions.pop(sid, None)
+        pc = self._pcs.pop(sid, None)
+        tasks = self._tasks.pop(sid, [])
+        if session is None:
+            return
+        current = asyncio.current_task()
+        for t in tasks:
+            if t is not current:
+                t.cancel()
+        if pc is not None:
+            await pc.close()
+        await asyncio.get_running_loop().run_in_executor(None, session.close, reason)
+        stats = session.stats()
+        stats["close_reason"] = reason
+        self.closed_sessions[sid] = stats
+        while len(self.closed_sessions) > 32:
+            self.closed_sessions.pop(next(iter(self.closed_sessions)))
+        log.info("session %s: closed (%s); %d running", sid, reason, len(self.sessions))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point used by `engine serve` (and tests)
+# ----------------------------------------------------------------------------------------------------------------
+def load_avatar(models, image: np.ndarray, pose_file=None, weights_dir=None):
+    from mmgt import pipeline as P
+
+    return P.prepare_avatar(models, image, pose_file=pose_file, weights_dir=weights_dir)
+
+
+def serve(models, avatar, config: ServerConfig) -> None:
+    """Run the server until interrupted (blocking)."""
+    from aiohttp import web
+
+    server = AvatarServer(models, avatar, config)
+    if config.mic:
+        server.start_mic()
+    log.info("warm-up render took %.1f s", server.warmup())
+    log.info("serving http://%s:%d/ (max %d sessions)", config.host, config.port, config.max_sessions)
+    web.run_app(server.app(), host=config.host, port=config.port, print=None, handle_signals=True)
+
+
+__all__ = ["AvatarServer", "ServerConfig", "BadRequest", "share_models", "parse_port_range", "restrict_udp_ports",
+           "pin_media_addresses", "check_offer", "serve", "load_avatar"]

@@ -1,0 +1,309 @@
+"""One live session: audio in -> engine (its own Runner) -> the two tracks on one clock.
+
+Threads of a session (the event loop only ever does non-blocking calls into it):
+
+* the *feeder* (real-time pace, every 20 ms) moves input audio (browser microphone, a file played by the page, or
+  the server's microphone; pushed by :meth:`Session.push_input` from any thread) into the engine's LiveSource and
+  into the AudioRecord the audio track reads back. When no speech arrives it pushes silence at real-time pace, so
+  the engine keeps rendering and the avatar idles (it moves; it never freezes or goes black). When the engine falls
+  more than ``max_engine_lag`` behind, input is dropped (counted) instead of queueing without bound;
+* the *engine* runs ``Runner.run_stream(LiveSource, QueueSink)``: Stage I and Stage II workers, frames to the sink.
+
+``close()`` stops both and joins them; it is idempotent and safe from any thread.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from engine.runner import RenderCancelled, Runner
+from engine.scheduler import StreamChunkPlanner, StreamPlanner
+from engine.settings import LIVE, RenderSettings
+from engine.sources import LiveSource
+from engine.types import FPS, SAMPLE_RATE
+
+from .tracks import SAMPLES_PER_FRAME, AudioRecord, MediaClock, TimedQueueSink, make_tracks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """Knobs of a live session (the server's flags fill these)."""
+
+    settings: RenderSettings = LIVE  # engine scheduling/sampling (small hop: low latency)
+    queue_frames: int = 100  # QueueSink size (4 s of frames); a slow client drops the oldest beyond this
+    start_margin: float = 0.25  # playout delay after the first frame, absorbs render jitter (seconds), on top of
+    # what the chunk layout needs (later frames may wait for more audio than the first: structural_latency)
+    jitter: float = 0.06  # input audio may arrive this late before silence is filled in (seconds)
+    max_engine_lag: float = 5.0  # engine this far behind its input: drop input instead of queueing (seconds)
+    record_seconds: float = 30.0  # engine audio kept for the audio track (a ring)
+    tick: float = 0.02  # feeder period (seconds)
+    stamp_frames: bool = False  # write the engine frame index into each picture (diagnostics, tests)
+
+    def layout(self) -> Dict[str, int]:
+        """The output clock's numbers for these settings; ValueError when the queue cannot hold a burst of frames.
+
+        Frames arrive in bursts (pose windows, render chunks): in steady state up to ``swing`` frames are ready
+        beyond the one playing, so the queue must hold a burst plus a render chunk."""
+        s = self.settings
+        first, worst, best = structural_latency(s)
+        swing = worst - best
+        need = min_queue_frames(s)
+        if self.queue_frames < need:
+            raise ValueError(f"queue_frames={self.queue_frames} is too small for hop {s.hop} / chunk {s.chunk} / "
+                             f"overlap {s.overlap}: frames arrive up to {swing + s.chunk - s.overlap} ahead; "
+                             f"need >= {need}")
+        if self.start_margin < 0 or self.jitter < 0 or self.max_engine_lag <= 0 or self.tick <= 0:
+            raise ValueError(f"SessionOptions: start_margin, jitter >= 0 and max_engine_lag, tick > 0 required "
+                             f"(got {self.start_margin}, {self.jitter}, {self.max_engine_lag}, {self.tick})")
+        return {"first_frames": first, "max_frames": worst, "min_frames": best, "swing": swing}
+
+
+def structural_latency(settings: RenderSettings, frames: int = 400) -> Tuple[int, int, int]:
+    """(first, max, min) frames of audio that must have arrived beyond a frame before the engine can emit it, for
+    the first frame and over a steady stream (pure scheduling: the windows and render chunks of ``settings``).
+
+    A frame leaves with its render chunk, and the chunk waits for the pose window of its LAST frame, so frames early
+    in a chunk wait longer than the first frame did; the output clock adds ``(max - first)`` frames to its start so
+    that steady-state frames are not late by construction."""
+    lookahead = settings.lookahead if settings.lookahead is not None else settings.window - settings.hop
+    windows = StreamPlanner(settings.window, settings.hop, settings.crossfade, lookahead)
+    chunks = StreamChunkPlanner(settings.chunk, settings.overlap)
+    ready: Dict[int, int] = {}  # frame -> audio frames in when its chunk can run
+    for audio_frames in range(1, frames + 1):
+        for w in windows.push(SAMPLES_PER_FRAME):
+            for c in chunks.push(w.keep_to - w.keep_from):
+                for f in range(c.start + c.new_from, c.start + c.new_to):
+                    ready[f] = audio_frames
+    waits = [ready[f] - f for f in sorted(ready)]
+    if not waits:
+        raise ValueError(f"settings {settings} emit no frame within {frames} frames of audio")
+    return waits[0], max(waits), min(waits)
+
+
+def min_queue_frames(settings: RenderSettings) -> int:
+    """The smallest frame queue that holds a steady-state burst of ``settings`` plus a render chunk and a margin."""
+    _, worst, best = structural_latency(settings)
+    return (worst - best) + (settings.chunk - settings.overlap) + 16
+
+
+# Live settings for a CPU (the tiny preset on a few cores): one SMGA window per 40 frames (Stage I costs per window),
+# the largest render chunk (32 frames, 28 new), one denoising step, two pose steps. About twice real time on two
+# idle cores; first frame after ~1.8 s of audio, steady-state latency ~2.7 s of audio (structural_latency).
+CPU_LIVE = LIVE.with_(hop=40, chunk=32, overlap=4, smga_steps=2, steps=1)
+
+
+@dataclass
+class InputStats:
+    source: str = "none"  # "browser" (mic or page file), "server-mic", or "none" (idle)
+    received_seconds: float = 0.0  # input audio received (at 16 kHz)
+    silence_seconds: float = 0.0  # silence filled in while no input arrived (the avatar idles)
+    dropped_seconds: float = 0.0  # input thrown away because the engine was too far behind
+    peak: float = 0.0  # largest |sample| received (shows a live microphone)
+
+
+class Session:
+    """One viewer: its own Runner, LiveSource, QueueSink and tracks; the models and avatar are shared."""
+
+    def __init__(self, models, avatar, options: SessionOptions = SessionOptions(), session_id: Optional[str] = None):
+        self.id = session_id or uuid.uuid4().hex[:12]
+        self.options = options
+        self.created = time.monotonic()
+        self.state = "new"  # new -> waiting (engine started, no frame yet) -> streaming -> closed | error
+        self.error: Optional[str] = None
+        self.close_reason: Optional[str] = None
+        self.last_client_audio: Optional[float] = None  # time.monotonic() of the client's last audio
+        self.inputs = InputStats()
+        # 1. engine side
+        # the engine reads audio at most max_engine_lag + one window behind the newest sample; keep twice that
+        keep = 2.0 * (options.max_engine_lag + options.settings.window / FPS) + 10.0
+        self.keep_seconds = keep
+        self.runner = Runner(models, avatar, options.settings)
+        self.live = LiveSource()  # what the engine reads (16 kHz, the engine timeline)
+        self.sink = TimedQueueSink(options.queue_frames)
+        self.record = AudioRecord(options.record_seconds)
+        self.pushed = 0  # engine samples pushed so far (audio + filled silence)
+        # 2. input side: any-rate audio from any thread, resampled to 16 kHz, drained by the feeder
+        self._input = LiveSource()
+        # 3. output side: one clock, two tracks
+        # The clock starts late enough for the slowest frame (structural latency) and skips ahead only when more
+        # frames wait than the queue can hold (the engine ran ahead, e.g. after a stall)
+        self.structural = options.layout()
+        max_lead = options.queue_frames - 8
+        self.clock = MediaClock(
+            lambda: self.sink.put_frames,
+            start_margin=options.start_margin + (self.structural["max_frames"] - self.structural["first_frames"]) / FPS,
+            max_lead_frames=max_lead, target_lead_frames=max(self.structural["swing"] + 4, max_lead // 2))
+        size = (models.cfg.resolution, models.cfg.resolution)
+        self.video, self.audio = make_tracks(self.clock, self.sink, self.record, size, stamp=options.stamp_frames)
+        self.report = None  # the engine's RunReport (None while running / when cancelled)
+        self._stop = threading.Event()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._feed_start: Optional[float] = None
+        self._threads: Dict[str, threading.Thread] = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the feeder and the engine (frames flow to the sink; the tracks start the clock on the first)."""
+        if self._threads:
+            return
+        self.state = "waiting"
+        self._threads = {"feeder": threading.Thread(target=self._feed, name=f"feed-{self.id}", daemon=True),
+                         "engine": threading.Thread(target=self._engine, name=f"engine-{self.id}", daemon=True)}
+        for t in self._threads.values():
+            t.start()
+
+    def push_input(self, samples: np.ndarray, sample_rate: int, source: str = "browser") -> None:
+        """Input audio from any thread: float32 or int16, (N,) or (N, channels), any rate."""
+        if self._closed:
+            return
+        if source == "browser":
+            self.last_client_audio = time.monotonic()  # the client is alive (the server's own mic says nothing)
+        self.inputs.source = source
+        try:
+            self._input.push(samples, sample_rate)
+        except RuntimeError:  # closed in between: the session is going away
+            pass
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _engine(self) -> None:
+        try:
+            self.report = self.runner.run_stream(self.live, self.sink, keep_seconds=self.keep_seconds)
+        except RenderCancelled:
+            pass
+        except Exception as e:  # noqa: BLE001 - a session's failure must not take the server down
+            log.exception("session %s: engine failed", self.id)
+            self.error, self.state = f"{type(e).__name__}: {e}", "error"
+        finally:
+            if not self.sink.closed:
+                self.sink.close(False)
+
+    def _drain_input(self) -> list:
+        parts = []
+        while True:
+            try:
+                chunk = self._input.read(timeout=0)
+            except TimeoutError:
+                return parts
+            if chunk is None:
+                return parts
+            parts.append(chunk.samples)
+
+    def _push_engine(self, samples: np.ndarray) -> None:
+        self.record.append(samples)  # first: the audio track may read it as soon as a frame of it exists
+        self.live.push(samples, SAMPLE_RATE)
+        self.pushed += len(samples)
+
+    def _feed(self) -> None:
+        """Real-time pacer: input audio as it comes, silence where none came, nothing while the engine is far behind."""
+        o = self.options
+        origin = self._feed_start = time.monotonic()
+        last = origin
+        try:
+            while not self._stop.wait(o.tick):
+                now = time.monotonic()
+                parts = self._drain_input()
+                got = sum(len(p) for p in parts)
+                self.inputs.received_seconds += got / SAMPLE_RATE
+                if got:
+                    self.inputs.peak = max(self.inputs.peak, float(max(np.abs(p).max() for p in parts if len(p))))
+                # 1. engine too far behind its input: drop the input and let the clock hold
+                lag = self.pushed - self.sink.put_frames * SAMPLES_PER_FRAME
+                if lag > o.max_engine_lag * SAMPLE_RATE:
+                    self.inputs.dropped_seconds += got / SAMPLE_RATE
+                    origin += now - last  # the dropped time is not owed later as silence
+                    last = now
+                    continue
+                # 2. input audio, as it arrived
+                for p in parts:
+                    self._push_engine(p)
+                # 3. silence up to the real-time target (minus the jitter allowance): the avatar idles
+                target = int((now - origin - o.jitter) * SAMPLE_RATE)
+                if self.pushed < target:
+                    gap = target - self.pushed
+                    self.inputs.silence_seconds += gap / SAMPLE_RATE
+                    self._push_engine(np.zeros(gap, np.float32))
+                last = now
+                if self.state == "waiting" and self.clock.started.is_set():
+                    self.state = "streaming"
+        except RuntimeError as e:  # LiveSource closed under us by close()
+            log.debug("session %s feeder: %s", self.id, e)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def close(self, reason: str = "closed", timeout: float = 30.0) -> None:
+        """Stop the engine and the feeder, join their threads, end the tracks. Idempotent, any thread."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        log.info("session %s: closing (%s)", self.id, reason)
+        self._stop.set()
+        self.runner.stop()
+        self._input.close()
+        self.live.close()
+        for name, t in self._threads.items():
+            if t is not threading.current_thread():
+                t.join(timeout)
+                if t.is_alive():
+                    log.warning("session %s: %s thread did not stop within %.0f s", self.id, name, timeout)
+        if not self.sink.closed:
+            self.sink.close(False)
+        self.video.stop()
+        self.audio.stop()
+        if self.state != "error":
+            self.state = "closed"
+        self.close_reason = reason
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def threads_alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads.values())
+
+    # ------------------------------------------------------------------------------------------------------------
+    def stats(self) -> Dict:
+        """What the page shows: state, latency, fps, A/V offset, drops (JSON-ready)."""
+        now = time.monotonic()
+        vs, aus = self.video.stats, self.audio.stats
+        first = None
+        if self.sink.first_frame_time is not None and self._feed_start is not None:
+            first = (self.sink.first_frame_time - self._feed_start) * 1000.0
+        latency = None  # input-to-output delay of the slot playing now: clock start + holds - engine time
+        if self.clock.t0 is not None and self._feed_start is not None:
+            latency = (self.clock.t0 - self._feed_start + self.clock.shift / FPS) * 1000.0
+        av = self.clock.av_offset_ms()
+        return {
+            "id": self.id,
+            "state": self.state,
+            "error": self.error,
+            "uptime_s": round(now - self.created, 2),
+            "first_frame_latency_ms": None if first is None else round(first, 1),
+            "output_latency_ms": None if latency is None else round(latency, 1),
+            "fps": round(vs.fps(now=now), 2),
+            "frames_sent": vs.sent,
+            "frames_rendered": self.sink.put_frames,
+            "frames_dropped": self.sink.dropped,
+            "frames_repeated": vs.repeats,
+            "frames_stale": vs.stale,
+            "holds": self.clock.holds,
+            "skipped": self.clock.skipped,
+            "late_slots": vs.late_slots + aus.late_slots,
+            "av_offset_ms": None if av is None else round(av, 2),
+            "audio_packets_sent": aus.sent,
+            "structural_latency_frames": self.structural,
+            "engine_lag_ms": round((self.pushed - self.sink.put_frames * SAMPLES_PER_FRAME) / SAMPLE_RATE * 1000, 1),
+            "input": asdict(self.inputs),
+        }
+
+
+__all__ = ["Session", "SessionOptions", "InputStats", "CPU_LIVE", "structural_latency",
+           "min_queue_frames"]

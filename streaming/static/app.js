@@ -1,0 +1,144 @@
+// MMGT live presenter page: send the microphone (or a file played through WebAudio), receive the avatar video and
+// the rendered audio in one MediaStream, and show live stats. Signalling: POST /offer {sdp, type} -> {sdp, type,
+// session}; stats: GET /stats/<session>; leaving: POST /close/<session>. No trickle ICE: the offer carries all
+// candidates (the server is aiortc, which answers with all of its own).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  pc: null, session: null, stream: null, audioCtx: null, startedAt: 0, firstFrameMs: null,
+  frames: 0, timer: null, lastDecoded: 0, lastDecodedAt: 0, fps: 0, micStream: null,
+};
+window.mmgt = state;  // for tests and curious users: window.mmgt.frames, window.mmgt.session
+
+function setState(text) { $("s-state").textContent = text; }
+function showError(text) { $("error").textContent = text || ""; }
+
+async function waitIceGathering(pc, timeoutMs) {
+  if (pc.iceGatheringState === "complete") return;
+  await new Promise((resolve) => {
+    const done = () => { if (pc.iceGatheringState === "complete") { pc.removeEventListener("icegatheringstatechange", done); resolve(); } };
+    pc.addEventListener("icegatheringstatechange", done);
+    setTimeout(resolve, timeoutMs);  // send what we have; host candidates come first
+  });
+}
+
+// The chosen source as an audio track: the microphone, or a file decoded and played into a MediaStream.
+async function sourceTrack(kind) {
+  if (kind === "mic") {
+    state.micStream = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true }, video: false });
+    return state.micStream.getAudioTracks()[0];
+  }
+  if (kind === "file") {
+    const file = $("file").files[0];
+    if (!file) throw new Error("choose an audio file first");
+    state.audioCtx = new AudioContext();
+    const buffer = await state.audioCtx.decodeAudioData(await file.arrayBuffer());
+    const src = state.audioCtx.createBufferSource();
+    src.buffer = buffer;
+    const dest = state.audioCtx.createMediaStreamDestination();
+    src.connect(dest);  // not to the speakers: the avatar's audio (in sync with its mouth) comes back instead
+    state.fileSource = src;
+    return dest.stream.getAudioTracks()[0];
+  }
+  return null;  // "none": the avatar idles
+}
+
+async function start() {
+  showError("");
+  $("start").disabled = true;
+  $("stop").disabled = false;
+  const kind = document.querySelector("input[name=source]:checked").value;
+  try {
+    const pc = new RTCPeerConnection({ iceServers: [] });
+    state.pc = pc;
+    state.frames = 0; state.firstFrameMs = null; state.startedAt = performance.now();
+    const track = await sourceTrack(kind);
+    if (track) pc.addTransceiver(track, { direction: "sendrecv" });
+    else pc.addTransceiver("audio", { direction: "recvonly" });
+    pc.addTransceiver("video", { direction: "recvonly" });
+    const video = $("avatar");
+    pc.ontrack = (ev) => {
+      if (video.srcObject !== ev.streams[0]) { video.srcObject = ev.streams[0]; video.play().catch(() => {}); }
+    };
+    pc.onconnectionstatechange = () => {
+      setState(pc.connectionState);
+      if (pc.connectionState === "failed") { showError("connection failed (ICE): is the UDP port range reachable?"); stop(); }
+    };
+    countFrames(video);
+    setState("connecting");
+    await pc.setLocalDescription(await pc.createOffer());
+    await waitIceGathering(pc, 3000);
+    const resp = await fetch("/offer", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
+    });
+    const answer = await resp.json();
+    if (!resp.ok) throw new Error(`server said ${resp.status}: ${answer.error}`);
+    state.session = answer.session;
+    await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
+    if (state.fileSource) state.fileSource.start();
+    state.timer = setInterval(pollStats, 1000);
+  } catch (err) {
+    showError(String(err.message || err));
+    stop();
+  }
+}
+
+// Count decoded frames (requestVideoFrameCallback where available) for first-frame latency and received fps.
+function countFrames(video) {
+  if (!("requestVideoFrameCallback" in HTMLVideoElement.prototype)) return;
+  const onFrame = () => {
+    state.frames += 1;
+    if (state.firstFrameMs === null) state.firstFrameMs = performance.now() - state.startedAt;
+    if (state.pc) video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+}
+
+function fmt(v, unit, digits = 0) { return v === null || v === undefined ? "-" : `${Number(v).toFixed(digits)} ${unit}`; }
+
+async function pollStats() {
+  const video = $("avatar");
+  const q = video.getVideoPlaybackQuality ? video.getVideoPlaybackQuality() : null;
+  const decoded = q ? q.totalVideoFrames : state.frames;
+  const now = performance.now();
+  if (state.lastDecodedAt) state.fps = (decoded - state.lastDecoded) * 1000 / (now - state.lastDecodedAt);
+  state.lastDecoded = decoded; state.lastDecodedAt = now;
+  $("s-decoded").textContent = `${decoded}`;
+  if (!state.session) return;
+  try {
+    const resp = await fetch(`/stats/${state.session}`);
+    const s = await resp.json();
+    if (!resp.ok) return;
+    setState(`${s.state}${state.pc ? " / " + state.pc.connectionState : ""}`);
+    $("s-first").textContent = `${fmt(s.first_frame_latency_ms, "ms")} server, ${fmt(state.firstFrameMs, "ms")} page`;
+    $("s-fps").textContent = `${state.fps.toFixed(1)} / ${fmt(s.fps, "", 1)}`;
+    $("s-av").textContent = fmt(s.av_offset_ms, "ms", 1);
+    $("s-dropped").textContent = `${s.frames_dropped} / ${s.frames_repeated}`;
+    $("s-latency").textContent = fmt(s.output_latency_ms, "ms");
+    $("s-input").textContent = `${s.input.received_seconds.toFixed(1)} s (${s.input.source}), peak ${s.input.peak.toFixed(2)}`;
+    if (s.error) showError(s.error);
+  } catch (err) { /* the server went away: the connection state shows it */ }
+}
+
+function stop() {
+  if (state.timer) clearInterval(state.timer);
+  state.timer = null;
+  if (state.session) navigator.sendBeacon(`/close/${state.session}`);
+  if (state.pc) state.pc.close();
+  if (state.micStream) state.micStream.getTracks().forEach((t) => t.stop());
+  if (state.audioCtx) state.audioCtx.close();
+  Object.assign(state, { pc: null, session: null, micStream: null, audioCtx: null, fileSource: null });
+  $("start").disabled = false;
+  $("stop").disabled = true;
+  setState("stopped");
+}
+
+$("start").addEventListener("click", start);
+$("stop").addEventListener("click", stop);
+window.addEventListener("pagehide", () => { if (state.session) navigator.sendBeacon(`/close/${state.session}`); });
+$("note").textContent = "";
+fetch("/health").then((r) => r.json()).then((h) => {
+  if (!h.trained) $("note").textContent = `preset "${h.preset}": untrained random weights, the video is not a real avatar.`;
+}).catch(() => {});
