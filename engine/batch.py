@@ -42,8 +42,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from engine.cli import (CLIError, _add_model_flags, _add_settings_flags, _load_models, _read_image, _settings_from,
-                        _setup_logging)
+from engine.cli import (CLIError, _add_backend_flags, _add_model_flags, _add_settings_flags, _load_models,
+                        _read_image, _settings_from, _setup_logging)
 from engine.settings import OFFLINE, RenderSettings
 
 log = logging.getLogger(__name__)
@@ -704,10 +704,7 @@ def _add_batch_args(p: argparse.ArgumentParser) -> None:
                    help="CPUs of the local instance that --ray auto starts (jobs at once = this / --cpus-per-job)")
     _add_model_flags(p)
     _add_settings_flags(p, OFFLINE)
-    b = p.add_argument_group("backend")
-    b.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
-                   help="runtime for the Stage II networks")
-    b.add_argument("--artifacts", type=Path, help="directory written by `engine export` (for onnxruntime/tensorrt)")
+    _add_backend_flags(p)
 
 
 def add_batch_parser(subparsers) -> argparse.ArgumentParser:

@@ -67,6 +67,13 @@ def _add_settings_flags(p: argparse.ArgumentParser, base: RenderSettings) -> Non
     g.add_argument("--overlap", type=int, help=f"frames a chunk takes over from the previous one (default {base.overlap})")
 
 
+def _add_backend_flags(p: argparse.ArgumentParser) -> None:
+    b = p.add_argument_group("backend")
+    b.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
+                   help="runtime for the Stage II networks (onnxruntime/tensorrt need `engine export` artifacts)")
+    b.add_argument("--artifacts", type=Path, help="directory written by `engine export` (for onnxruntime/tensorrt)")
+
+
 def _settings_from(args, base: RenderSettings) -> RenderSettings:
     return base.with_(steps=args.steps, guidance=args.guidance, smga_steps=args.smga_steps,
                       smga_guidance=args.smga_guidance, seed=args.seed, window=args.window, hop=args.hop,
@@ -207,10 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--metrics-json", type=Path, help="write the run's metrics (latency, RTF, stage times) here")
     _add_model_flags(r)
     _add_settings_flags(r, OFFLINE)
-    b = r.add_argument_group("backend")
-    b.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
-                   help="runtime for the Stage II networks")
-    b.add_argument("--artifacts", type=Path, help="directory written by `engine export` (for onnxruntime/tensorrt)")
+    _add_backend_flags(r)
     r.set_defaults(func=cmd_render)
 
     # demo
