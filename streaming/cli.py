@@ -67,7 +67,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                     "audio file); the avatar video and the matching audio come back over WebRTC, on one media "
                     "clock. While nobody speaks the avatar idles. Models and the avatar image are loaded once and "
                     "shared by all sessions; each session renders in its own threads. Scheduling defaults: "
-                    "engine/settings.py LIVE on a GPU; on a CPU the cheaper streaming.session.CPU_LIVE (hop 40, "
+                    "engine/settings.py LIVE on a GPU; on a CPU the cheaper engine/settings.py LIVE_CPU (hop 40, "
                     "chunk 32, overlap 4, 1 step, 2 pose steps); the flags below override either.")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1",

@@ -24,7 +24,7 @@ import numpy as np
 
 from engine.runner import RenderCancelled, Runner
 from engine.scheduler import StreamChunkPlanner, StreamPlanner
-from engine.settings import LIVE, RenderSettings
+from engine.settings import LIVE, LIVE_CPU, RenderSettings
 from engine.sources import LiveSource
 from engine.types import FPS, SAMPLE_RATE
 
@@ -94,10 +94,7 @@ def min_queue_frames(settings: RenderSettings) -> int:
     return (worst - best) + (settings.chunk - settings.overlap) + 16
 
 
-# Live settings for a CPU (the tiny preset on a few cores): one SMGA window per 40 frames (Stage I costs per window),
-# the largest render chunk (32 frames, 28 new), one denoising step, two pose steps. About twice real time on two
-# idle cores; first frame after ~1.8 s of audio, steady-state latency ~2.7 s of audio (structural_latency).
-CPU_LIVE = LIVE.with_(hop=40, chunk=32, overlap=4, smga_steps=2, steps=1)
+CPU_LIVE = LIVE_CPU  # the CPU live preset lives beside the others in engine/settings.py
 
 
 @dataclass
