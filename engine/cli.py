@@ -46,6 +46,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="Stage II compute dtype (default: fp16 on GPU, fp32 on CPU)")
+    g.add_argument("--tiny-decoder", metavar="DIR", type=Path, default=None,
+                   help="decode frames with a light AutoencoderTiny (TAESD architecture) from this local diffusers "
+                        "directory instead of the SD VAE: several times faster, slightly softer. Its weights are "
+                        "yours to supply (trained for SD latents)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the denoiser (fixed shapes: the first chunk compiles for a minute or two, "
+                        "then every step is faster; worth it on a GPU)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for the tiny preset on a CPU, whose ops are too small to gain "
                         "from more; torch's own choice otherwise). CPU frames depend slightly on it: equal counts "
@@ -100,6 +107,17 @@ def _load_models(args):
         models = P.build_models(cfg, device=device, dtype=dtype)
     if not models.cfg.trained:
         log.warning("preset %r: %s", models.cfg.name, P.UNTRAINED_NOTE)
+    if getattr(args, "tiny_decoder", None) is not None:
+        from mmgt.vae import load_tiny_decoder
+
+        try:
+            models.decoder = load_tiny_decoder(args.tiny_decoder).to(models.device, models.dtype)
+        except (OSError, ValueError) as e:
+            raise CLIError(f"--tiny-decoder {args.tiny_decoder}: {e}") from e
+        log.info("decoding with the tiny decoder from %s", args.tiny_decoder)
+    if getattr(args, "compile", False):
+        models.denoising_unet = torch.compile(models.denoising_unet, dynamic=False)
+        log.info("denoiser compiled with torch.compile (the first chunk pays the compile time)")
     backend = getattr(args, "backend", "torch")
     if backend != "torch":
         from engine.backends import apply_backend

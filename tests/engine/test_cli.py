@@ -147,3 +147,21 @@ def test_onnxruntime_backend_render_matches_torch(tmp_path, speech_wav):
     mse = np.mean((a - b) ** 2)
     psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
     assert psnr >= 35.0, psnr
+
+
+def test_tiny_decoder_flag(tmp_path, speech_wav, caplog):
+    """--tiny-decoder DIR decodes with a local AutoencoderTiny: same frame count, other pixels; a bad DIR is one
+    clear error."""
+    from mmgt.config import TINY
+    from mmgt.vae import build_tiny_decoder
+
+    taesd = tmp_path / "taesd"
+    build_tiny_decoder(TINY.vae, channels=16, seed=1).save_pretrained(str(taesd))
+    common = ["--image", str(ROOT / "engine/assets/portrait.jpg"), "--audio", str(speech_wav), *FAST]
+    assert main(["render", *common, "--out", str(tmp_path / "vae.mp4")]) == 0
+    assert main(["render", *common, "--out", str(tmp_path / "taesd.mp4"), "--tiny-decoder", str(taesd)]) == 0
+    a, b = _frames(tmp_path / "vae.mp4"), _frames(tmp_path / "taesd.mp4")
+    assert a.shape == b.shape and len(a) == 75
+    assert np.abs(a.astype(int) - b).mean() > 1
+    rc = main(["render", *common, "--out", str(tmp_path / "x.mp4"), "--tiny-decoder", str(tmp_path / "nope")])
+    assert rc != 0 and not (tmp_path / "x.mp4").exists()
