@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
-from engine.settings import LIVE, OFFLINE, RenderSettings
+from engine.settings import OFFLINE, RenderSettings
 
 log = logging.getLogger("engine")
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -155,7 +154,6 @@ def _check_output(path: Path) -> None:
 # render / demo
 # ----------------------------------------------------------------------------------------------------------------
 def _render(args, image_path: Path, audio_path: Path) -> int:
-    import numpy as np
     from tqdm import tqdm
 
     from engine.runner import Runner

@@ -29,7 +29,6 @@ import torch
 from mmgt import keypoints as K
 from mmgt import pipeline as P
 from mmgt.config import AUDIO_SAMPLE_RATE, FPS
-from mmgt.smga import continue_from
 
 from .scheduler import StreamChunkPlanner, StreamPlanner, Window, crossfade_weights, frames_for_samples, plan_windows
 from .settings import OFFLINE, RenderSettings

@@ -33,7 +33,7 @@ from .config import FPS, MMGT, MMGTConfig
 from .image_encoder import build_clip, clip_embed, load_clip
 from .init_pose import initial_pose
 from .motion_masks import motion_masks
-from .noise import DDIMSchedule, sample_noise
+from .noise import DDIMSchedule
 from .pose_guider import PoseGuider
 from .pose_render import render_poses
 from .reference_net import ReferenceNet

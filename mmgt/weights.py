@@ -21,7 +21,6 @@ key names, so the remap tables below only handle wrappers (``module.``) and the 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import pickle
