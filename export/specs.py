@@ -36,10 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mmgt.audio import WAV2VEC2_NORM_EPS, WAVLM_NORM_EPS
+from mmgt.audio import wav2vec2_hidden, wavlm_hidden
 from mmgt.config import POSE_DIM, MMGTConfig
 from mmgt.unet3d import audio_mask_levels, reference_bank_layout
 from mmgt.vae import VAEDecoder
@@ -208,11 +207,6 @@ class SMGAGuidedStep(nn.Module):
         return uncond + (conditioned - uncond) * guidance.reshape(-1, 1, 1)  # (B, W, 402)
 
 
-def _resample_frames(feats: torch.Tensor, n_frames: int) -> torch.Tensor:
-    """(1, N, C) -> (1, n_frames, C), linear with align_corners (mmgt.audio's rule)."""
-    return F.interpolate(feats.transpose(1, 2), size=n_frames, mode="linear", align_corners=True).transpose(1, 2)
-
-
 class WavLMFeatures(nn.Module):
     """mmgt.audio.wavlm_features as a graph: wave (1, L) -> (W, hidden) at 25 fps."""
 
@@ -222,10 +216,7 @@ class WavLMFeatures(nn.Module):
         self.normalize = bool(getattr(wavlm.config, "normalize_input", True))
 
     def forward(self, wave):
-        x = F.layer_norm(wave, wave.shape[-1:], eps=WAVLM_NORM_EPS) if self.normalize else wave  # (1, L)
-        hidden = self.wavlm(input_values=x).last_hidden_state  # (1, N, H) at 50 fps
-        hidden = torch.cat([hidden, hidden[:, -1:]], dim=1)  # the reference's repeated last frame
-        return _resample_frames(hidden, self.n_frames)[0]  # (W, H)
+        return wavlm_hidden(self.wavlm, wave, self.n_frames, self.normalize)  # (W, H)
 
 
 class Wav2Vec2Features(nn.Module):
@@ -237,23 +228,7 @@ class Wav2Vec2Features(nn.Module):
         self.normalize = bool(getattr(wav2vec2.config, "normalize_input", True))
 
     def forward(self, wave):
-        x = wave
-        if self.normalize:
-            x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + WAV2VEC2_NORM_EPS)  # (1, L)
-        feats = self.wav2vec2.feature_extractor(x)  # (1, C, N) at 50 fps
-        feats = _resample_frames(feats.transpose(1, 2), self.n_frames)  # (1, W, C)
-        hidden, _ = self.wav2vec2.feature_projection(feats)  # (1, W, H)
-        outputs = []
-        hooks = [layer.register_forward_hook(
-            lambda _m, _i, out: outputs.append(out[0] if isinstance(out, tuple) else out))
-            for layer in self.wav2vec2.encoder.layers]
-        try:
-            last = self.wav2vec2.encoder(hidden).last_hidden_state  # (1, W, H)
-        finally:
-            for h in hooks:
-                h.remove()
-        outputs[-1] = last  # a pre-norm encoder's last state carries the final LayerNorm (as mmgt.audio does)
-        return torch.stack(outputs, dim=2)[0]  # (W, layers, H)
+        return wav2vec2_hidden(self.wav2vec2, wave, self.n_frames, self.normalize)  # (W, layers, H)
 
 
 class ReferenceBank(nn.Module):

@@ -505,6 +505,11 @@ def wavlm_features(model: "WavLMModel", wav16k: Waveform, n_frames: int,
     x = _model_wave(wav16k, model, "wavlm_features")  # (1, L)
     if normalize is None:
         normalize = bool(getattr(model.config, "normalize_input", True))
+    return wavlm_hidden(model, x, n_frames, normalize)
+
+
+def wavlm_hidden(model: "WavLMModel", x: torch.Tensor, n_frames: int, normalize: bool) -> torch.Tensor:
+    """The tensor math of :func:`wavlm_features` (also what ``engine export`` traces): (1, L) -> (n_frames, H)."""
     if normalize:
         x = F.layer_norm(x, x.shape[-1:], eps=WAVLM_NORM_EPS)  # (1, L)
     x = _pad_to_receptive_field(x, model.config)  # (1, >= 400)
@@ -591,6 +596,12 @@ def wav2vec2_features(model: "Wav2Vec2Model", wav16k: Waveform, n_frames: int,
     x = _model_wave(wav16k, model, "wav2vec2_features")  # (1, L)
     if normalize is None:
         normalize = bool(getattr(model.config, "normalize_input", True))
+    return wav2vec2_hidden(model, x, n_frames, normalize)
+
+
+def wav2vec2_hidden(model: "Wav2Vec2Model", x: torch.Tensor, n_frames: int, normalize: bool) -> torch.Tensor:
+    """The tensor math of :func:`wav2vec2_features` (also what ``engine export`` traces): (1, L) -> (n_frames,
+    layers, H)."""
     if normalize:
         x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + WAV2VEC2_NORM_EPS)  # (1, L)
     x = _pad_to_receptive_field(x, model.config)
