@@ -172,10 +172,8 @@ class _AudioBuffer:
 
     def append(self, samples: np.ndarray) -> None:
         x = np.asarray(samples, np.float32).reshape(-1)
-        if self.keep is None:  # unbounded (offline callers append rarely)
-            self._data = np.concatenate([self._data[:self._len], x])
-            self._len = len(self._data)
-            return
+        if self.keep is None:
+            raise RuntimeError("the offline audio buffer holds the whole waveform; only a live buffer (keep=N) grows")
         if len(x) >= self.keep:  # a huge chunk: only its newest `keep` samples can ever be read
             self._offset += self._len + len(x) - self.keep
             x, self._len = x[-self.keep:], 0
@@ -251,7 +249,8 @@ class Runner:
         s = self.settings
         lookahead = s.lookahead if s.lookahead is not None else s.window - s.hop
         planner = StreamPlanner(s.window, s.hop, s.crossfade, lookahead)
-        buf = _AudioBuffer(keep=max(int(keep_seconds * AUDIO_SAMPLE_RATE), 2 * s.window * AUDIO_SAMPLE_RATE // FPS))
+        min_keep = 2 * s.window * AUDIO_SAMPLE_RATE // FPS  # a window and its predecessor, whatever keep_seconds says
+        buf = _AudioBuffer(keep=max(int(keep_seconds * AUDIO_SAMPLE_RATE), min_keep))
         t0 = time.perf_counter()
 
         def feed() -> Iterator[Tuple[Window, float]]:

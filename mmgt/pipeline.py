@@ -16,6 +16,7 @@ reference the engine's runner is compared with.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +307,12 @@ def frame_noise(shape_per_frame: Sequence[int], first_frame: int, n_frames: int,
     return torch.stack(out, dim=1)[None]  # (1, C, F, h, w)
 
 
+@functools.lru_cache(maxsize=8)
+def _schedule(sampler, steps: int, device: str) -> DDIMSchedule:
+    """The DDIM tables of one (sampler, steps, device): built once, not for every chunk."""
+    return DDIMSchedule(sampler, steps).to(device)
+
+
 @torch.no_grad()
 def render_chunk(models: ModelSet, avatar: Avatar, inputs: ChunkInputs, steps: int, guidance: float, seed: int,
                  known: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -317,7 +324,7 @@ def render_chunk(models: ModelSet, avatar: Avatar, inputs: ChunkInputs, steps: i
     """
     cfg, dev, dt = models.cfg, models.device, models.dtype
     n = len(inputs.pose_frames)
-    sched = DDIMSchedule(cfg.sampler, steps).to(dev)
+    sched = _schedule(cfg.sampler, steps, str(dev))
     cfg_on = guidance != 1.0
     # 1. Conditions: pose features, masks, audio tokens (CFG: unconditional audio and CLIP context are zeros)
     pose = torch.from_numpy(inputs.pose_frames).to(dev).permute(3, 0, 1, 2)[None].to(dt) / 255.0  # (1, 3, C, R, R)
