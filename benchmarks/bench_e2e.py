@@ -1,13 +1,16 @@
 """End to end through the runner: real-time factor, first-frame latency and per-stage times.
 
     python -m benchmarks.bench_e2e --preset mmgt --device cuda:0 [--configs 4:1.0 8:1.0 30:3.5] [--seconds 8]
-        [--chunk 16] [--overlap 4] [--decoder vae|taesd] [--compile] [--out PATH]
+        [--chunk 16] [--overlap 4] [--decoder vae|taesd] [--compile] [--cuda-graphs] [--out PATH]
 
 For each ``steps:guidance`` config the whole runner (Stage I: WavLM + librosa + SMGA + drawing + masks + wav2vec2;
 Stage II: PoseGuider + UNet3D x steps + VAE decode) renders ``--seconds`` of the bundled speech offline into a null
 sink (real-time factor = media seconds / wall seconds), then a live run (``engine.settings.LIVE``) of the same
 audio gives the first-frame latency (audio of the first window available -> first frame out). Random weights at the
-chosen preset's sizes: speed only. ``--compile`` compiles the denoiser (torch.compile) and warms it before timing.
+chosen preset's sizes: speed only. ``--compile`` / ``--cuda-graphs`` are the engine's torch-path options
+(engine.backends.accelerate: torch.compile of the denoiser step, CUDA graphs of the denoiser and SMGA steps); every
+configuration is warmed up (``Runner.warm_up``: compile, capture, first allocations) before it is timed, and the
+warm-up time is reported beside it.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine_info, result_path, write_json
+from engine.backends import accelerate
 from engine.runner import Runner
 from engine.settings import LIVE, OFFLINE
 from engine.sinks import NullSink
@@ -67,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--overlap", type=int, default=OFFLINE.overlap)
     ap.add_argument("--decoder", choices=["vae", "taesd"], default="vae")
     ap.add_argument("--compile", action="store_true", help="torch.compile the denoiser (warmed before timing)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the denoiser and SMGA steps")
     ap.add_argument("--no-live", action="store_true", help="skip the live first-frame-latency runs")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path)
@@ -87,12 +92,11 @@ def main(argv=None) -> int:
         from mmgt.vae import build_tiny_decoder
 
         models.decoder = build_tiny_decoder(cfg.vae, seed=cfg.seed).to(device, dtype).eval()
-    if args.compile:
-        models.denoising_unet = torch.compile(models.denoising_unet, dynamic=False)
     _sync(device)
     build_s = time.perf_counter() - t
     avatar = P.prepare_avatar(models, _portrait())
-    print(f"built {cfg.name} on {device} ({dtype}) in {build_s:.1f} s; decoder {args.decoder}; compile {args.compile}")
+    print(f"built {cfg.name} on {device} ({dtype}) in {build_s:.1f} s; decoder {args.decoder}; compile {args.compile}; "
+          f"cuda graphs {args.cuda_graphs}")
 
     results = []
     for spec in args.configs:
@@ -101,14 +105,12 @@ def main(argv=None) -> int:
         seconds = args.cfg_seconds if (guidance != 1.0 and args.cfg_seconds) else args.seconds
         audio = _speech(seconds)
         settings = OFFLINE.with_(steps=steps, guidance=guidance, chunk=args.chunk, overlap=args.overlap)
-        # 2. warm-up: first calls allocate, pick kernels and (with --compile) compile this batch shape
-        t = time.perf_counter()
-        Runner(models, avatar, settings).run(audio[: 16000 * 2], NullSink())
-        _sync(device)
-        warm_s = time.perf_counter() - t
+        # 2. the run's models (compiled / graphed for this CFG layout), warmed up: compile, capture, allocate
+        run_models = accelerate(models, settings, compile=args.compile, cuda_graphs=args.cuda_graphs)
+        warm_s = Runner(run_models, avatar, settings).warm_up()
         # 3. offline run: real-time factor and per-stage busy time
         t = time.perf_counter()
-        rep = Runner(models, avatar, settings).run(audio, NullSink())
+        rep = Runner(run_models, avatar, settings).run(audio, NullSink())
         _sync(device)
         wall = time.perf_counter() - t
         row = {"steps": steps, "guidance": guidance, "chunk": args.chunk, "overlap": args.overlap,
@@ -120,22 +122,25 @@ def main(argv=None) -> int:
         # 4. live run: chunks of 20 ms as they would arrive, fed without waiting (latency from audio-ready)
         if not args.no_live:
             live = LIVE.with_(steps=steps, guidance=guidance)
-            Runner(models, avatar, live).run_stream(iter([AudioChunk(audio[:16000], 0)]), NullSink())  # warm
+            live_warm_s = Runner(run_models, avatar, live).warm_up()  # the live chunk is another shape
             chunks = [AudioChunk(audio[i:i + 320], i) for i in range(0, min(len(audio), 16000 * 4), 320)]
-            lrep = Runner(models, avatar, live).run_stream(iter(chunks), NullSink())
+            lrep = Runner(run_models, avatar, live).run_stream(iter(chunks), NullSink())
             row.update({"live_first_frame_latency_s": lrep.first_frame_latency, "live_settings": vars(live),
+                        "live_warmup_seconds": live_warm_s, "live_real_time_factor": lrep.real_time_factor,
                         "live_stage1_seconds": lrep.stage1_seconds, "live_stage2_seconds": lrep.stage2_seconds,
                         "live_frames": lrep.frames})
         results.append(row)
         print(f"steps {steps:>2} guidance {guidance:.1f}: RTF {row['real_time_factor']:.2f} ({row['fps']:.1f} fps), "
-              f"stage I {rep.stage1_seconds:.2f} s, stage II {rep.stage2_seconds:.2f} s (decode "
-              f"{rep.decode_seconds:.2f} s)" + (f", live first frame {row['live_first_frame_latency_s'] * 1000:.0f} ms"
+              f"stage I {rep.stage1_seconds:.2f} s, stage II {rep.stage2_seconds:.2f} s, decode "
+              f"{rep.decode_seconds:.2f} s" + (f", live first frame {row['live_first_frame_latency_s'] * 1000:.0f} ms"
                                                  if "live_first_frame_latency_s" in row else ""))
     payload = {"benchmark": "bench_e2e", "machine": machine_info(device), "preset": cfg.name,
                "resolution": cfg.resolution, "dtype": str(dtype), "decoder": args.decoder, "compile": args.compile,
+               "cuda_graphs": args.cuda_graphs,
                "build_seconds": build_s, "results": results}
     path = write_json(payload, args.out or result_path(f"e2e-{cfg.name}-{args.decoder}"
-                                                       + ("-compile" if args.compile else ""), device))
+                                                       + ("-compile" if args.compile else "")
+                                                       + ("-graphs" if args.cuda_graphs else ""), device))
     print(f"wrote {path}")
     return 0
 

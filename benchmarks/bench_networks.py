@@ -718,7 +718,7 @@ def run_network(net: Network, settings: Settings, analyse: bool, profile: bool, 
                 entry[label] = {"error": _error(exc)}
     entry["cases"] = cases_out
     entry["total_s"] = time.perf_counter() - t0
-    del module, refs
+    module = refs = None  # drop the weights before freeing the cache
     _free(device)
     return entry
 

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
 
     options = SessionOptions(settings=client.TEST_SETTINGS, queue_frames=client.QUEUE_FRAMES, stamp_frames=True,
                              record_seconds=END_SECONDS + 30.0)  # engine audio for the end measurement
-    warm = AvatarServer(models, avatar, ServerConfig(session=options)).warmup(1.0)
+    warm = AvatarServer(models, avatar, ServerConfig(session=options)).warmup()
     log.info("warm-up %.1f s; RSS %.1f MB; streaming for %.1f min", warm, rss_mb(), args.minutes)
 
     result = asyncio.run(session_run(models, avatar, speech, args.minutes, client, options))

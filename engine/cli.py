@@ -50,8 +50,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                         "directory instead of the SD VAE: several times faster, slightly softer. Its weights are "
                         "yours to supply (trained for SD latents)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the denoiser (fixed shapes: the first chunk compiles for a minute or two, "
-                        "then every step is faster; worth it on a GPU)")
+                   help="torch.compile the denoiser (fixed shapes; compiled during a warm-up before the run, a minute "
+                        "or two, then every step is faster; worth it on a GPU)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the denoiser step and the SMGA pose step as CUDA graphs (captured during the warm-up; "
+                        "removes per-kernel launch overhead; CUDA only; combines with --compile)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for the tiny preset on a CPU, whose ops are too small to gain "
                         "from more; torch's own choice otherwise). CPU frames depend slightly on it: equal counts "
@@ -86,7 +89,9 @@ def _settings_from(args, base: RenderSettings) -> RenderSettings:
                       crossfade=args.crossfade, chunk=args.chunk, overlap=args.overlap)
 
 
-def _load_models(args):
+def _load_models(args, settings: Optional[RenderSettings] = None):
+    """The ModelSet the flags ask for; ``settings`` (default: the offline preset with the flags applied) fix the
+    static shapes that exported artifacts and compiled/graphed calls are chosen for."""
     import torch
 
     from mmgt import pipeline as P
@@ -114,17 +119,32 @@ def _load_models(args):
         except (OSError, ValueError) as e:
             raise CLIError(f"--tiny-decoder {args.tiny_decoder}: {e}") from e
         log.info("decoding with the tiny decoder from %s", args.tiny_decoder)
-    if getattr(args, "compile", False):
-        models.denoising_unet = torch.compile(models.denoising_unet, dynamic=False)
-        log.info("denoiser compiled with torch.compile (the first chunk pays the compile time)")
+    settings = settings or _settings_from(args, OFFLINE)
     backend = getattr(args, "backend", "torch")
+    compile_, graphs = getattr(args, "compile", False), getattr(args, "cuda_graphs", False)
     if backend != "torch":
         from engine.backends import apply_backend
 
+        if compile_ or graphs:
+            raise CLIError(f"--compile / --cuda-graphs are options of the torch backend, not of --backend {backend}")
         if args.artifacts is None:
             raise CLIError(f"--backend {backend} needs --artifacts DIR (made by `engine export`)")
-        models = apply_backend(models, backend, args.artifacts, settings=_settings_from(args, OFFLINE))
+        models = apply_backend(models, backend, args.artifacts, settings=settings)
+    elif compile_ or graphs:
+        from engine.backends import BackendUnavailable, accelerate
+
+        try:
+            models = accelerate(models, settings, compile=compile_, cuda_graphs=graphs)
+        except BackendUnavailable as e:
+            raise CLIError(f"--cuda-graphs: {e}") from e
+        log.info("torch path: %s (paid in the warm-up before the run)",
+                 " + ".join(n for n, on in (("torch.compile", compile_), ("CUDA graphs", graphs)) if on))
     return models
+
+
+def _wants_warm_up(args) -> bool:
+    """Compiled or graphed calls are built on their first call: do that before the run, not inside it."""
+    return bool(getattr(args, "compile", False) or getattr(args, "cuda_graphs", False))
 
 
 def _read_image(path: Path):
@@ -178,10 +198,13 @@ def _render(args, image_path: Path, audio_path: Path) -> int:
         except (OSError, ValueError) as e:
             raise CLIError(str(e)) from e
     # 2. models, avatar, run
-    models = _load_models(args)
+    models = _load_models(args, settings)
     avatar = P.prepare_avatar(models, image, pose_file=args.init_pose, weights_dir=args.weights)
     log.info("initial pose: %s", avatar.pose_method)
     runner = Runner(models, avatar, settings, poses=poses)
+    if _wants_warm_up(args):
+        log.info("warming up (compile / graph capture) ...")
+        runner.warm_up()
     sink = Mp4Sink(out, audio)
     total = max(1, round(len(audio) * 25 / 16000))
     with tqdm(total=total, unit="frame", desc=f"render {out.name}", disable=args.quiet or None) as bar:

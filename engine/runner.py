@@ -5,15 +5,20 @@ Two workers joined by a bounded queue (DESIGN.md, "Data, as it flows"):
 * Stage I (a thread): takes pose windows from the scheduler as their audio arrives, runs the SMGA audio condition and
   pose diffusion, blends the seam with the previous window, draws pose frames and motion masks and computes the
   MM-HAA audio tokens; one ``PoseWindow`` per window (its emitted frames only) goes into the queue.
-* Stage II (the calling thread): cuts the pose frames into fixed-size render chunks, denoises each chunk with the
-  final latents of its overlap frames taken over from the previous chunk, decodes the new frames and hands them to
-  the sink at once as a ``FrameBatch``.
+* Stage II (the calling thread): cuts the pose frames into fixed-size render chunks and denoises each chunk with
+  the final latents of its overlap frames taken over from the previous chunk.
+* Decode (a thread): decodes each chunk's new frames and hands them to the sink at once as a ``FrameBatch``, while
+  Stage II already denoises the next chunk (the VAE and the sink's encoder stay off the denoiser's critical path).
 
-So Stage I of window k+1 runs while Stage II renders window k, and frames leave chunk by chunk. Every run records
-first-frame latency, real-time factor, per-stage times and a timeline of stage events (``RunReport``).
+So Stage I of window k+1 runs while Stage II renders window k, and frames leave chunk by chunk. On a GPU each worker
+issues its work on its own CUDA stream, so one stage's host sync (poses or frames to the CPU) never waits for another
+stage's queued kernels. Every run records first-frame latency, real-time factor, per-stage times and a timeline of
+stage events (``RunReport``). ``Runner.warm_up`` pays first-call costs (allocation, torch.compile, CUDA-graph capture)
+before a run, outside its latency.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -30,7 +35,7 @@ from mmgt import keypoints as K
 from mmgt import pipeline as P
 from mmgt.config import AUDIO_SAMPLE_RATE, FPS
 
-from .scheduler import StreamChunkPlanner, StreamPlanner, Window, crossfade_weights, frames_for_samples, plan_windows
+from .scheduler import RenderChunk, StreamChunkPlanner, StreamPlanner, Window, crossfade_weights, frames_for_samples, plan_windows
 from .settings import OFFLINE, RenderSettings
 from .types import AudioChunk, FrameBatch, FrameSink, PoseWindow, RunMeta
 
@@ -89,6 +94,65 @@ class _Pump:
         self._thread.join(timeout=60)
 
 
+class _Drain:
+    """Applies ``work`` to submitted items in one worker thread, in order, through a bounded queue.
+
+    ``submit`` blocks while the queue is full (backpressure: the producer never runs more than ``maxsize`` items
+    ahead) and re-raises the worker's first error; ``finish`` waits until every submitted item is done; ``close``
+    stops the worker without waiting for the items still queued.
+    """
+
+    def __init__(self, work: Callable, maxsize: int, stop: threading.Event, name: str):
+        self._work, self._stop = work, stop
+        self._q: "queue.Queue" = queue.Queue(maxsize=max(1, maxsize))
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is _DONE:
+                    return
+                if self._error is None and not self._stop.is_set():
+                    self._work(item)
+            except BaseException as e:  # noqa: BLE001 - handed to the producer, which re-raises
+                self._error = e
+            finally:
+                self._q.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, item) -> None:
+        while True:
+            self._raise()
+            if self._stop.is_set():
+                return
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        self._q.join()
+        self._raise()
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # drop what is still queued; the worker sees _DONE next
+            try:
+                self._q.get_nowait()
+                self._q.task_done()
+            except queue.Empty:
+                break
+        self._q.put(_DONE)
+        self._thread.join(timeout=60)
+
+
 class RenderCancelled(RuntimeError):
     """The run was stopped (``Runner.stop()`` or Ctrl-C); the sink was closed without committing."""
 
@@ -97,11 +161,11 @@ class RenderCancelled(RuntimeError):
 class StageEvent:
     """One unit of work on the timeline: which stage, which window/chunk, when (seconds since run start)."""
 
-    stage: str  # "stage1" (a pose window) | "stage2" (a render chunk) | "sink" (frames handed over)
+    stage: str  # "stage1" (a pose window) | "stage2" (a chunk denoised) | "decode" | "sink" (frames handed over)
     index: int  # window or chunk index
     start: float
     end: float
-    frames: int = 0  # frames produced (stage1: emitted poses; stage2/sink: decoded frames)
+    frames: int = 0  # frames produced (stage1: emitted poses; stage2: new frames denoised; decode/sink: frames)
 
 
 @dataclass
@@ -115,8 +179,8 @@ class RunReport:
     real_time_factor: float = 0.0  # media seconds produced per wall second (>= 1: faster than real time)
     first_frame_latency: float = 0.0  # seconds from the first window's audio being available to the first frame out
     stage1_seconds: float = 0.0  # busy time of Stage I (audio features, SMGA, drawing, masks, audio tokens)
-    stage2_seconds: float = 0.0  # busy time of Stage II (denoising + decode)
-    decode_seconds: float = 0.0  # part of stage2_seconds spent in the VAE
+    stage2_seconds: float = 0.0  # busy time of Stage II (pose guider + denoising steps)
+    decode_seconds: float = 0.0  # busy time of the decode worker (VAE decode + handing frames to the sink)
     windows: int = 0  # pose windows run
     chunks: int = 0  # render chunks run
     av_offset_ms: float = 0.0  # |video duration - audio duration| in ms (offline) or last-frame offset (live)
@@ -144,7 +208,7 @@ class RunReport:
         return (f"{self.frames} frames ({self.media_seconds:.2f} s) in {self.wall_seconds:.2f} s: "
                 f"RTF {self.real_time_factor:.2f}, {self.frames / max(self.wall_seconds, 1e-9):.1f} fps, "
                 f"first frame {self.first_frame_latency * 1000:.0f} ms, stage I {self.stage1_seconds:.2f} s, "
-                f"stage II {self.stage2_seconds:.2f} s")
+                f"stage II {self.stage2_seconds:.2f} s, decode {self.decode_seconds:.2f} s")
 
     def to_json(self, path) -> None:
         p = Path(path)
@@ -218,6 +282,9 @@ class Runner:
         if settings.chunk > cfg.unet.motion_max_frames:
             raise ValueError(f"chunk={settings.chunk} exceeds the motion modules' {cfg.unet.motion_max_frames} frames")
         self._stop = threading.Event()
+        # one CUDA stream per worker (None on a CPU): a worker's host sync then waits for its own work only
+        cuda = torch.device(models.device).type == "cuda"
+        self._streams = {name: torch.cuda.Stream(models.device) if cuda else None for name in ("stage1", "decode")}
 
     # ------------------------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -285,7 +352,8 @@ class Runner:
                 if not first_audio_ready:
                     first_audio_ready.append(ready_at)
                 a = time.perf_counter()
-                pw, vec = self._stage1_window(w, buf, prev_vec, prev_start)
+                with self._on_stream("stage1"):  # outputs reach the CPU as numpy: a sync on this stream only
+                    pw, vec = self._stage1_window(w, buf, prev_vec, prev_start)
                 prev_vec, prev_start = vec, w.start
                 b = time.perf_counter()
                 with lock:
@@ -294,15 +362,36 @@ class Runner:
                     report.windows += 1
                 yield pw
 
+        # 2. Decode: the new frames of a denoised chunk -> the sink (a worker thread when overlapped)
+        def emit(job: Tuple[RenderChunk, torch.Tensor, Optional[torch.cuda.Event]]) -> None:
+            chunk, lat, ready = job
+            a = time.perf_counter()
+            with self._on_stream("decode", ready):
+                out = P.decode(self.models, lat[:, :, chunk.new_from:chunk.new_to])  # (n_new, R, R, 3) uint8
+            b = time.perf_counter()
+            sink.write(FrameBatch(frames=out, first_frame=chunk.start + chunk.new_from, fps=FPS))
+            c = time.perf_counter()
+            with lock:
+                report.add_event(StageEvent("decode", chunk.index, a - t0, b - t0, len(out)))
+                report.add_event(StageEvent("sink", chunk.index, b - t0, c - t0, len(out)))
+                report.decode_seconds += c - a
+                report.frames += len(out)
+            if progress:
+                progress(len(out))
+
         meta = RunMeta(fps=FPS, width=cfg.resolution, height=cfg.resolution,
                        audio_samples=len(buf) if total_frames is not None else 0, sample_rate=AUDIO_SAMPLE_RATE,
                        preset=cfg.name, trained=cfg.trained)
         sink.open(meta)
         ok = False
-        # 2. Stage II consumes them: from a worker thread through a bounded queue (overlapped), or inline
+        # 3. Stage II consumes the pose windows: from a worker thread through a bounded queue (overlapped), or
+        # inline; its chunks go to the decode worker (overlapped) or are decoded inline
         pump = _Pump(stage1(), s.queue_size, self._stop) if self.overlapped else None
+        drain = _Drain(emit, 2, self._stop, "mmgt-decode") if self.overlapped else None
         try:
-            self._stage2_loop(pump if pump else stage1(), sink, report, t0, progress, lock)
+            self._stage2_loop(pump if pump else stage1(), drain.submit if drain else emit, report, t0, lock)
+            if drain:
+                drain.finish()
             ok = not self._stop.is_set()
         except KeyboardInterrupt:
             self._stop.set()
@@ -312,11 +401,13 @@ class Runner:
                 self._stop.set()
             if pump:
                 pump.close()
+            if drain:
+                drain.close()
             self._stop.clear()  # the runner can run again; a stop() before a run still cancels that run
             sink.close(ok)
         if not ok:
             raise RenderCancelled("render stopped before the end; nothing was committed")
-        # 3. Metrics
+        # 4. Metrics
         end = report.last_frame_out if report.frames else time.perf_counter() - t0
         report.wall_seconds = end
         report.media_seconds = report.frames / FPS
@@ -370,10 +461,22 @@ class Runner:
                           audio_tokens=tokens.float().cpu().numpy())
 
     # ------------------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _on_stream(self, worker: str, ready: Optional["torch.cuda.Event"] = None) -> Iterator[None]:
+        """Issue the block's GPU work on ``worker``'s stream, after ``ready`` (work of another stream it reads)."""
+        stream = self._streams.get(worker)
+        if stream is None:
+            yield
+            return
+        with torch.cuda.stream(stream):
+            if ready is not None:
+                stream.wait_event(ready)
+            yield
+
     @torch.no_grad()
-    def _stage2_loop(self, pose_windows: Iterable[PoseWindow], sink: FrameSink, report: RunReport, t0: float, progress,
+    def _stage2_loop(self, pose_windows: Iterable[PoseWindow], emit: Callable, report: RunReport, t0: float,
                      lock: threading.Lock) -> None:
-        """Cut pose windows into render chunks; render, decode and hand each chunk's new frames to the sink."""
+        """Cut pose windows into render chunks; denoise each and hand (chunk, latents, ready event) to ``emit``."""
         m, s = self.models, self.settings
         planner = StreamChunkPlanner(s.chunk, s.overlap, max_chunk=m.cfg.unet.motion_max_frames)
         # frames received from Stage I and not yet behind the next chunk's start (global frame -> arrays)
@@ -383,7 +486,7 @@ class Runner:
         base = 0  # global frame of frames[0]
         known: Optional[torch.Tensor] = None  # final latents of the previous chunk's last `overlap` frames
 
-        def render(chunk) -> None:
+        def render(chunk: RenderChunk) -> None:
             nonlocal known, base, frames, tokens
             a = time.perf_counter()
             n_have = base + len(frames)
@@ -394,22 +497,18 @@ class Runner:
                        for b in P.BRANCHES},
                 audio_tokens=torch.from_numpy(np.stack([tokens[i] for i in idx])), first_frame=chunk.start)
             lat = P.render_chunk(m, self.avatar, inputs, self.steps, self.guidance, s.seed,
-                                 known if chunk.overlap else None)
-            d = time.perf_counter()
-            out = P.decode(m, lat[:, :, chunk.new_from:chunk.new_to])  # (n_new, R, R, 3)
-            b = time.perf_counter()
+                                 known if chunk.overlap else None)  # (1, 4, C, h, w), still in flight on a GPU
             known = lat[:, :, chunk.n_frames - s.overlap:] if s.overlap else None
-            sink.write(FrameBatch(frames=out, first_frame=chunk.start + chunk.new_from, fps=FPS))
-            c = time.perf_counter()
+            ready = None
+            if lat.is_cuda:  # the decode stream starts once these latents exist, not before
+                ready = torch.cuda.Event()
+                ready.record()
+            b = time.perf_counter()
             with lock:
-                report.add_event(StageEvent("stage2", chunk.index, a - t0, b - t0, len(out)))
-                report.add_event(StageEvent("sink", chunk.index, b - t0, c - t0, len(out)))
+                report.add_event(StageEvent("stage2", chunk.index, a - t0, b - t0, chunk.new_to - chunk.new_from))
                 report.stage2_seconds += b - a
-                report.decode_seconds += b - d
                 report.chunks += 1
-                report.frames += len(out)
-            if progress:
-                progress(len(out))
+            emit((chunk, lat, ready))  # the decode worker holds `lat` until its frames are on the CPU
             # drop what no later chunk needs (the next chunk starts `chunk - overlap` frames later)
             keep_from = chunk.start + chunk.n_frames - s.overlap
             cut = max(0, min(keep_from - base, len(frames)))
@@ -434,6 +533,31 @@ class Runner:
                 render(chunk)
         for chunk in planner.finish():
             render(chunk)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def warm_up(self) -> float:
+        """Render one pose window and one chunk of near-silence, serially, and discard them; returns the seconds taken.
+
+        The first call of every network allocates its memory and picks kernels, and with ``--compile`` /
+        ``--cuda-graphs`` compiles and captures its fixed shapes (a minute or more for a compiled denoiser). Doing
+        that here keeps it out of a run's first-frame latency and real-time factor, and captures graphs while no
+        other stage runs."""
+        from .sinks import NullSink
+
+        s = self.settings
+        t = time.perf_counter()
+        overlapped, self.overlapped = self.overlapped, False
+        try:
+            # one chunk of near-silence (exact zeros make librosa's chroma warn); Stage I still runs its W frames
+            hiss = np.random.default_rng(0).standard_normal(s.chunk * (AUDIO_SAMPLE_RATE // FPS)) * 1e-3
+            self.run(hiss.astype(np.float32), NullSink())
+        finally:
+            self.overlapped = overlapped
+        if torch.device(self.models.device).type == "cuda":
+            torch.cuda.synchronize(self.models.device)
+        seconds = time.perf_counter() - t
+        log.info("warm-up: %.1f s (first calls%s)", seconds, "" if self.models.cfg.trained else ", untrained preset")
+        return seconds
 
 
 def render_file(models: P.ModelSet, image: np.ndarray, audio: np.ndarray, sink: FrameSink,

@@ -14,10 +14,13 @@ PyAV, librosa and transformers are imported inside the functions that need them,
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import logging
 import re
+import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -179,6 +182,165 @@ def _resample_frames(feats: torch.Tensor, n_frames: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Stage I: in-process memo of librosa's constant-Q filter basis
+# ----------------------------------------------------------------------------------------------------------------
+# chroma_cens -> chroma_cqt -> cqt -> vqt rebuilds its filter basis (librosa.core.constantq.__vqt_filter_fft) once
+# per octave (7) on every call: over half of librosa_features' time. The basis depends on the settings and on the
+# tuning that chroma_cqt estimates from each window, which librosa quantises to 0.01 bins (101 values), so the
+# whole set this module can ask for is 7 * 101 small bases (~7 KB each with its key, ~5 MB in all). vqt looks the
+# function up as a module global at call time, so replacing that global puts the memo in front of every caller.
+
+_VQT_BASIS_FN = "__vqt_filter_fft"  # librosa 0.10 / 0.11: returns (csr fft_basis, n_fft, lengths)
+_VQT_MEMO_MAX_BYTES = 16 * 2**20  # holds all 707 of our bases (~5 MB) with room for other cqt users
+_MEMO_ENTRY_OVERHEAD = 256  # bytes counted per entry on top of its buffers (objects, dict slot)
+
+
+class _Unkeyable(TypeError):
+    """An argument the memo cannot key exactly (unhashable, object array): that call goes straight to librosa."""
+
+
+def _memo_key(value):
+    """Exact, hashable key: arrays by dtype + shape + bytes, containers recursively, the rest by (type, value)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            raise _Unkeyable("object array")
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_memo_key(v) for v in value))
+    try:
+        hash(value)
+    except TypeError as e:
+        raise _Unkeyable(str(e)) from None
+    return (type(value), value)  # the type keeps 12800 and 12800.0 apart
+
+
+def _memo_nbytes(value) -> int:
+    """Buffer bytes of a key or a result: arrays, sparse-matrix arrays, bytes, through containers; 0 for scalars."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, (tuple, list)):
+        return sum(_memo_nbytes(v) for v in value)
+    parts = [getattr(value, name, None) for name in ("data", "indices", "indptr")]  # scipy.sparse csr/csc
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return sum(p.nbytes for p in parts)
+    return 0
+
+
+def _memo_copy(value):
+    """A private copy of a cached result: vqt scales the basis in place (``fft_basis[:] *= ...``)."""
+    import scipy.sparse
+
+    if isinstance(value, tuple):
+        return tuple(_memo_copy(v) for v in value)
+    if isinstance(value, np.ndarray) or scipy.sparse.issparse(value):
+        return value.copy()  # ndarray / sparse .copy() duplicate the buffers, values bit for bit
+    if isinstance(value, (int, float, complex, str, bytes, type(None), np.generic)):
+        return value  # immutable
+    return copy.deepcopy(value)
+
+
+class _FilterBasisMemo:
+    """Thread-safe LRU memo, bounded in bytes, in front of librosa's filter-basis function.
+
+    Every call returns a fresh copy of the cached result, so callers may mutate it. On a miss the basis is built
+    outside the lock (two threads missing the same key both build it, with equal values; no one waits on another).
+    ``hits`` / ``misses`` count memo answers and calls into librosa (``bypassed``: arguments that cannot be keyed).
+    """
+
+    _mmgt_vqt_memo = True  # marks an installed memo, also one made by an earlier copy of this module (reload)
+
+    def __init__(self, fn, max_bytes: int = _VQT_MEMO_MAX_BYTES):
+        self.fn = fn
+        self.max_bytes = int(max_bytes)
+        self.hits = self.misses = self.bypassed = 0
+        self._entries: "OrderedDict[tuple, Tuple[object, int]]" = OrderedDict()  # key -> (result, nbytes)
+        self._nbytes = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        try:
+            key = _memo_key((args, tuple(sorted(kwargs.items()))))
+        except _Unkeyable:
+            with self._lock:
+                self.bypassed += 1
+            return self.fn(*args, **kwargs)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+        if entry is not None:
+            return _memo_copy(entry[0])
+
+        result = self.fn(*args, **kwargs)
+        size = _MEMO_ENTRY_OVERHEAD + _memo_nbytes(key) + _memo_nbytes(result)
+        with self._lock:
+            self.misses += 1
+            if size <= self.max_bytes:
+                old = self._entries.pop(key, None)
+                self._nbytes += size - (old[1] if old is not None else 0)
+                self._entries[key] = (result, size)
+                while self._nbytes > self.max_bytes:  # drop least recently used
+                    _, (_, dropped) = self._entries.popitem(last=False)
+                    self._nbytes -= dropped
+        return _memo_copy(result)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_VQT_MEMO: Optional[_FilterBasisMemo] = None
+_VQT_MEMO_STATE = "unset"  # "unset" -> "installed" | "unavailable"; "disabled" while a test turns it off
+_VQT_MEMO_LOCK = threading.Lock()
+
+
+def _vqt_basis_memo() -> Optional[_FilterBasisMemo]:
+    """Install the memo in librosa once (idempotent; librosa must be importable) and return it, or None.
+
+    Called by librosa_features, never at import of this module. A librosa without the function gets one debug
+    line and plain librosa.
+    """
+    global _VQT_MEMO, _VQT_MEMO_STATE
+    if _VQT_MEMO_STATE != "unset":  # fast path, no lock
+        return _VQT_MEMO
+    with _VQT_MEMO_LOCK:
+        if _VQT_MEMO_STATE != "unset":
+            return _VQT_MEMO
+        from librosa.core import constantq
+
+        fn = getattr(constantq, _VQT_BASIS_FN, None)
+        if getattr(fn, "_mmgt_vqt_memo", False):  # already in place: never wrap a memo in a memo
+            _VQT_MEMO, _VQT_MEMO_STATE = fn, "installed"
+        elif callable(fn):
+            _VQT_MEMO = _FilterBasisMemo(fn)
+            setattr(constantq, _VQT_BASIS_FN, _VQT_MEMO)
+            _VQT_MEMO_STATE = "installed"
+        else:
+            import librosa
+
+            logger.debug("librosa %s has no librosa.core.constantq.%s: CQT filter bases are not memoised",
+                         getattr(librosa, "__version__", "?"), _VQT_BASIS_FN)
+            _VQT_MEMO_STATE = "unavailable"
+        return _VQT_MEMO
+
+
+def _set_vqt_basis_memo(enabled: bool) -> None:
+    """Tests only: False puts librosa's own function back and keeps the memo out; True lets the next
+    librosa_features call install a fresh, empty memo."""
+    global _VQT_MEMO, _VQT_MEMO_STATE
+    with _VQT_MEMO_LOCK:
+        if _VQT_MEMO is not None:
+            from librosa.core import constantq
+
+            if getattr(constantq, _VQT_BASIS_FN, None) is _VQT_MEMO:
+                setattr(constantq, _VQT_BASIS_FN, _VQT_MEMO.fn)
+        _VQT_MEMO = None
+        _VQT_MEMO_STATE = "unset" if enabled else "disabled"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Stage I: librosa features (EDGE's extract_baseline_features at 25 fps)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -192,6 +354,7 @@ def librosa_features(wav16k: Waveform, n_frames: int, sample_rate: int = AUDIO_S
     """
     import librosa
 
+    _vqt_basis_memo()  # chroma_cens' CQT filter bases are built once per process, not per call
     wav = _as_numpy_wave(wav16k, "librosa_features")
     _check_frames(n_frames, "librosa_features")
     y = resample(wav, sample_rate, LIBROSA_SAMPLE_RATE)  # (n * 0.8,) at 16 kHz in

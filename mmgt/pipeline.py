@@ -20,7 +20,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ class ModelSet:
     vae: nn.Module  # diffusers AutoencoderKL (or AutoencoderTiny as decoder)
     clip: nn.Module  # transformers CLIPVisionModelWithProjection
     decoder: Optional[nn.Module] = None  # a light decoder (AutoencoderTiny) used instead of the VAE's for decoding
+    smga_denoise: Optional[Callable] = None  # stands in for smga.guided_denoise (the engine's CUDA-graphed replay)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32  # Stage II compute dtype (Stage I and audio stay fp32)
 
@@ -259,7 +260,8 @@ def generate_poses(models: ModelSet, cond: torch.Tensor, init_pose: np.ndarray, 
     last frame of window k (``smga.continue_from``)."""
     init = torch.as_tensor(np.asarray(init_pose, np.float32).reshape(1, -1), device=models.device)  # (1, 402)
     out = SMGADiffusion(models.cfg.smga).sample(models.smga, cond[None].float(), init, steps=steps,
-                                                guidance=guidance, generator=generator)  # (1, W, 402)
+                                                guidance=guidance, generator=generator,
+                                                denoise=models.smga_denoise)  # (1, W, 402)
     return out[0].float().cpu().numpy()
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -373,22 +373,35 @@ class SMGA(nn.Module):
         tokens, hidden = self.encode_condition(cond, x_t.shape[0])
         return self.denoise(x_t, t, init_pose, tokens, hidden)
 
-    def guided_forward(self, x_t: Tensor, t: Tensor, init_pose: Tensor, cond: Tensor, guidance: float) -> Tensor:
-        """Classifier-free guidance: uncond + (cond - uncond) * guidance, both halves in ONE decoder pass.
-
-        guidance == 1 is exactly the conditional prediction, so the unconditional half is skipped.
-        """
+    def guided_condition(self, cond: Tensor, batch: int, guidance: float) -> Tuple[Tensor, Tensor]:
+        """The encoded condition ``guided_denoise`` takes: (tokens, hidden) of the audio, and under guidance != 1
+        the null condition's stacked after them ((2B, W, D), (2B, D)). It does not depend on x_t or t, so a sampler
+        encodes it once per window instead of once per step."""
+        tok_c, hid_c = self.encode_condition(cond, batch)  # (B, W, D), (B, D)
         if guidance == 1.0:
-            return self.forward(x_t, t, init_pose, cond)
-        self._check_inputs(x_t, t, init_pose, cond)
-        self._check_inputs(x_t, t, init_pose, None)
+            return tok_c, hid_c
+        tok_u, hid_u = self.encode_condition(None, batch)
+        return torch.cat([tok_c, tok_u.to(tok_c.dtype)]), torch.cat([hid_c, hid_u.to(hid_c.dtype)])
+
+    def guided_denoise(self, x_t: Tensor, t: Tensor, init_pose: Tensor, cond_tokens: Tensor, cond_hidden: Tensor,
+                       guidance: float) -> Tensor:
+        """Classifier-free guidance on an encoded condition (``guided_condition``): uncond + (cond - uncond) *
+        guidance, both halves in ONE decoder pass; guidance == 1 is the conditional prediction alone. Fixed shapes and
+        no host syncs: the engine replays this as a CUDA graph."""
+        if guidance == 1.0:
+            return self.denoise(x_t, t, init_pose, cond_tokens, cond_hidden)  # (B, W, 402)
         b = x_t.shape[0]
-        tok_c, hid_c = self.encode_condition(cond, b)  # (B, W, D), (B, D)
-        tok_u, hid_u = self.encode_condition(None, b)
         out = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([init_pose, init_pose]),
-                           torch.cat([tok_c, tok_u.to(tok_c.dtype)]), torch.cat([hid_c, hid_u.to(hid_c.dtype)]))
+                           cond_tokens, cond_hidden)  # (2B, W, 402)
         conditioned, uncond = out[:b], out[b:]  # (B, W, 402) each
         return uncond + (conditioned - uncond) * guidance
+
+    def guided_forward(self, x_t: Tensor, t: Tensor, init_pose: Tensor, cond: Tensor, guidance: float) -> Tensor:
+        """Classifier-free guidance from the raw audio condition (one step as exported): encode, then
+        ``guided_denoise``."""
+        self._check_inputs(x_t, t, init_pose, cond)
+        tokens, hidden = self.guided_condition(cond, x_t.shape[0], guidance)
+        return self.guided_denoise(x_t, t, init_pose, tokens, hidden, guidance)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -444,11 +457,13 @@ class SMGADiffusion:
     @torch.no_grad()
     def sample(self, model: SMGA, cond: Tensor, init_pose: Tensor, steps: Optional[int] = None,
                guidance: Optional[float] = None, eta: Optional[float] = None,
-               generator: Optional[torch.Generator] = None) -> Tensor:
+               generator: Optional[torch.Generator] = None, denoise: Optional[Callable[..., Tensor]] = None) -> Tensor:
         """DDIM sampling of one window: cond (B, W, audio_dim), init_pose (B, 402) -> (B, W, 402) in [-1, 1].
 
         Noise draws follow the reference order (x_T, then one draw per step except the last), so a generator
-        seeded like the reference's global RNG reproduces its samples.
+        seeded like the reference's global RNG reproduces its samples. The audio condition is encoded once per
+        window; ``denoise`` stands in for ``model.guided_denoise`` (same signature; the engine passes a CUDA-graphed
+        replay of it).
         """
         steps = self.cfg.sample_steps if steps is None else steps
         guidance = self.cfg.guidance if guidance is None else float(guidance)
@@ -461,15 +476,18 @@ class SMGADiffusion:
         device, dtype = param.device, param.dtype
         cond = cond.to(device, dtype)
         init_pose = init_pose.to(device, dtype)
+        denoise = denoise or model.guided_denoise
 
         def randn() -> Tensor:  # on the generator's device so a CPU generator works for any model device
             g_device = generator.device if generator is not None else device
             return torch.randn((b, w, POSE_DIM), generator=generator, device=g_device).to(device)
 
         x = randn()  # (B, W, 402) float32
+        model._check_inputs(x.to(dtype), torch.zeros(b, dtype=torch.long, device=device), init_pose, cond)
+        tokens, hidden = model.guided_condition(cond, b, guidance)  # (B or 2B, W, D), (B or 2B, D): once per window
         for t, t_next in pairs:
             time = torch.full((b,), t, device=device, dtype=torch.long)
-            x0 = model.guided_forward(x.to(dtype), time, init_pose, cond, guidance).float()  # (B, W, 402)
+            x0 = denoise(x.to(dtype), time, init_pose, tokens, hidden, guidance).float()  # (B, W, 402)
             x0 = x0.clamp(-1.0, 1.0)
             if t_next < 0:
                 x = x0

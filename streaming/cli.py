@@ -125,7 +125,7 @@ def cmd_serve(args) -> int:
     except ValueError as e:
         raise engine_cli.CLIError(str(e)) from e
     image = engine_cli._read_image(args.image or engine_cli.ASSETS / "portrait.jpg")
-    models = engine_cli._load_models(args)
+    models = engine_cli._load_models(args, settings)
     avatar = load_avatar(models, image, pose_file=args.init_pose, weights_dir=args.weights)
     config = ServerConfig(host=args.host, port=args.port, max_sessions=args.max_sessions, udp_ports=args.udp_ports,
                           media_addresses=tuple(args.media_address) if args.media_address else None,

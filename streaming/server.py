@@ -194,16 +194,13 @@ class AvatarServer:
         self._mic_thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
-    def warmup(self, seconds: float = 1.5) -> float:
-        """Render ``seconds`` of silence once (first calls allocate and pick kernels), so the first viewer does not
-        pay for it in first-frame latency. Returns the wall time it took."""
+    def warmup(self) -> float:
+        """Render one pose window and one chunk of silence with the session settings (engine.runner.Runner.warm_up):
+        first calls allocate, pick kernels, compile and capture CUDA graphs here, so the first viewer does not pay
+        for them in first-frame latency. Returns the wall time it took."""
         from engine.runner import Runner
-        from engine.sinks import NullSink
 
-        t = time.perf_counter()
-        audio = np.zeros(int(seconds * 16000), np.float32)
-        Runner(self.models, self.avatar, self.config.session.settings).run(audio, NullSink())
-        return time.perf_counter() - t
+        return Runner(self.models, self.avatar, self.config.session.settings).warm_up()
 
     # ------------------------------------------------------------------------------------------------------------
     def app(self):

@@ -39,3 +39,27 @@ def tiny_avatar(tiny_models, portrait):
     from mmgt.pipeline import prepare_avatar
 
     return prepare_avatar(tiny_models, portrait)
+
+
+@pytest.fixture(scope="session")
+def in_threads():
+    """``in_threads(work, n)``: run ``work(i)`` for i < n in n threads at once; returns the exceptions they raised."""
+    import threading
+
+    def run(work, n: int) -> list:
+        errors = []
+
+        def guarded(i):
+            try:
+                work(i)
+            except Exception as e:  # noqa: BLE001 - returned to the test, which asserts on it
+                errors.append(e)
+
+        threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return errors
+
+    return run

@@ -301,7 +301,8 @@ def open_backend(kind: str, network: str, models, shapes: ExportShapes, artifact
     if kind == "torch":
         from engine.backends.torch_backend import TorchBackend
 
-        return TorchBackend(network, models, shapes, autocast_fp16=autocast_fp16, compile=compile)
+        return TorchBackend(network, models, shapes, autocast_fp16=autocast_fp16, compile=compile,
+                            cuda_graph=cuda_graph)
     if artifacts is None:
         raise ArtifactError(f"--backend {kind} needs --artifacts DIR (written by `engine export`)")
     artifacts = Path(artifacts)
@@ -372,5 +373,28 @@ def apply_backend(models, backend: str = "torch", artifacts: Optional[Path] = No
     return dataclasses.replace(models, **changes)
 
 
+def accelerate(models, settings=None, *, compile: bool = False, cuda_graphs: bool = False):
+    """The torch path's speed options on a ModelSet (the CLI's ``--compile`` / ``--cuda-graphs``).
+
+    ``compile``: torch.compile the denoiser step (static shapes). ``cuda_graphs``: replay the denoiser step and the
+    SMGA step as CUDA graphs, one per input signature (engine.backends.graphs). Both change speed, not results: the
+    same kernels' math on the same inputs (compile may reorder float sums). ``settings`` fix the denoiser's CFG layout
+    (its guidance), as for the other backends. The first call of each shape compiles/captures: call
+    ``Runner.warm_up`` before timing or streaming.
+    """
+    if not (compile or cuda_graphs):
+        return models
+    if cuda_graphs and models.device.type != "cuda":
+        raise BackendUnavailable(f"CUDA graphs need a CUDA device; the models are on {models.device}")
+    out = apply_backend(models, "torch", settings=settings, networks=("denoising_unet",), compile=compile,
+                        cuda_graph=cuda_graphs)
+    if cuda_graphs:
+        from engine.backends.graphs import StaticGraph
+
+        out = dataclasses.replace(out, smga_denoise=StaticGraph(models.smga.guided_denoise, name="smga step",
+                                                                capture=True))
+    return out
+
+
 __all__ = ["BACKENDS", "BackendUnavailable", "IOSpec", "Backend", "PoseGuiderAdapter", "AudioProjAdapter",
-           "ReferenceNetAdapter", "DenoiserAdapter", "VAEAdapter", "open_backend", "apply_backend"]
+           "ReferenceNetAdapter", "DenoiserAdapter", "VAEAdapter", "open_backend", "apply_backend", "accelerate"]

@@ -114,13 +114,15 @@ class TorchBackend(Backend):
     """One eager mmgt network with named inputs and outputs.
 
     ``autocast_fp16``: run fp32 modules under CUDA fp16 autocast. ``compile``: wrap the call in torch.compile
-    (static shapes; the first call compiles).
+    (static shapes; the first call compiles). ``cuda_graph``: replay the call as a CUDA graph per input signature
+    (engine.backends.graphs.StaticGraph; on top of ``compile`` when both are set: the compiled kernels, launched
+    by one replay).
     """
 
     kind = "torch"
 
     def __init__(self, network: str, models, shapes: ExportShapes, autocast_fp16: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, cuda_graph: bool = False):
         if network not in CALLS:
             raise ValueError(f"engine.backends.torch: unknown network {network!r}; known: {', '.join(CALLS)}")
         super().__init__(network, inputs=None, outputs=None,
@@ -129,13 +131,26 @@ class TorchBackend(Backend):
         self.autocast_fp16 = autocast_fp16 and self.device.type == "cuda"
         call = CALLS[network](models, shapes)
         self._call = torch.compile(call, dynamic=False) if compile else call
+        self.graph = None
+        if cuda_graph:
+            from engine.backends.graphs import StaticGraph
+
+            if self.device.type != "cuda":
+                from engine.backends import BackendUnavailable
+
+                raise BackendUnavailable(f"{network}: CUDA graphs need the network on a CUDA device, "
+                                         f"it is on {self.device}")
+            self.graph = StaticGraph(self._run, name=f"{network} (torch)", capture=True)
+
+    def _run(self, feeds: Feeds) -> Dict[str, torch.Tensor]:
+        context = torch.autocast("cuda", dtype=torch.float16) if self.autocast_fp16 else contextlib.nullcontext()
+        with context:
+            return self._call(feeds)
 
     @torch.no_grad()
     def __call__(self, feeds: Feeds) -> Dict[str, torch.Tensor]:
         feeds = {k: v.to(self.device) for k, v in feeds.items()}
-        context = torch.autocast("cuda", dtype=torch.float16) if self.autocast_fp16 else contextlib.nullcontext()
-        with context:
-            return self._call(feeds)
+        return (self.graph or self._run)(feeds)
 
 
 __all__ = ["CALLS", "TorchBackend"]

@@ -1,5 +1,4 @@
 """`engine render` / `engine demo` end to end: mp4 length and sync, clear errors, nothing half-written."""
-import os
 import signal
 import subprocess
 import sys
@@ -165,3 +164,20 @@ def test_tiny_decoder_flag(tmp_path, speech_wav, caplog):
     assert np.abs(a.astype(int) - b).mean() > 1
     rc = main(["render", *common, "--out", str(tmp_path / "x.mp4"), "--tiny-decoder", str(tmp_path / "nope")])
     assert rc != 0 and not (tmp_path / "x.mp4").exists()
+
+
+def test_speed_flags_are_refused_where_they_cannot_work(tmp_path, speech_wav, capsys):
+    """--cuda-graphs on a CPU, and --compile / --cuda-graphs with an exported backend: one clear line, no file."""
+    common = ["--image", str(ROOT / "engine/assets/portrait.jpg"), "--audio", str(speech_wav), "--device", "cpu",
+              *FAST]
+    rc = main(["render", *common, "--out", str(tmp_path / "g.mp4"), "--cuda-graphs"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--cuda-graphs: CUDA graphs need a CUDA device" in err[0], err
+    rc = main(["render", *common, "--out", str(tmp_path / "o.mp4"), "--compile", "--backend", "onnxruntime",
+               "--artifacts", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "options of the torch backend" in err[0], err
+    assert not list(tmp_path.glob("*.mp4"))
+    with pytest.raises(SystemExit):
+        main(["render", "--help"])
+    assert "--cuda-graphs" in capsys.readouterr().out

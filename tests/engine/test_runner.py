@@ -1,4 +1,6 @@
 """The overlapped runner: frame counts, overlap of the two stages, seams, determinism, pose-driven mode."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -166,3 +168,58 @@ def test_stop_before_run_cancels_it(tiny_models, tiny_avatar, speech):
     with pytest.raises(RenderCancelled):
         runner.run(speech[:16000], CollectSink())
     assert runner.run(speech[:16000], CollectSink()).frames == 25  # and the next run goes ahead
+
+
+def test_decode_runs_beside_the_next_chunks_denoising(tiny_models, tiny_avatar, speech, monkeypatch):
+    """The sink receives chunk 0's frames while Stage II is already denoising chunk 1: the first write blocks until
+    the second render_chunk call has started. Inline decoding would never get there (the write would time out)."""
+    from mmgt import pipeline as P
+
+    started = threading.Semaphore(0)
+    real = P.render_chunk
+
+    def counting(*args, **kwargs):
+        started.release()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(P, "render_chunk", counting)
+
+    class WaitForNextChunk(CollectSink):
+        def write(self, batch):
+            if not self.out:
+                assert started.acquire(timeout=60) and started.acquire(timeout=60), \
+                    "chunk 1 was not started while chunk 0 was being written"
+            super().write(batch)
+
+    sink = WaitForNextChunk()
+    report = Runner(tiny_models, tiny_avatar, FAST).run(speech[: 40 * 640], sink)
+    assert report.frames == 40 == len(sink.video())
+    decode = {e.index for e in report.events if e.stage == "decode"}
+    assert decode == {e.index for e in report.events if e.stage == "stage2"} and report.decode_seconds > 0
+
+
+def test_a_failing_sink_stops_the_run_and_is_closed_uncommitted(tiny_models, tiny_avatar, speech):
+    class Broken(CollectSink):
+        closed_ok = None
+
+        def write(self, batch):
+            if self.out:
+                raise OSError("disk full")
+            super().write(batch)
+
+        def close(self, ok):
+            self.closed_ok = ok
+
+    sink = Broken()
+    with pytest.raises(OSError, match="disk full"):
+        Runner(tiny_models, tiny_avatar, FAST).run(speech[: 16000 * 3], sink)
+    assert sink.closed_ok is False and len(sink.out) == 1
+
+
+def test_warm_up_changes_no_frame(tiny_models, tiny_avatar, speech, run_fast):
+    audio, sink, _ = run_fast
+    runner = Runner(tiny_models, tiny_avatar, FAST)
+    assert runner.warm_up() > 0
+    again = CollectSink()
+    runner.run(audio, again)
+    np.testing.assert_array_equal(again.video(), sink.video())

@@ -300,6 +300,49 @@ def test_single_step_sample_is_the_clamped_guided_x0(model):
     torch.testing.assert_close(out, (u + (c - u) * 2).clamp(-1, 1), rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_sample_encodes_the_condition_once_and_equals_the_per_step_forward(model, guidance):
+    """The audio condition does not depend on x_t or t: sampling encodes it once per window, and the result is
+    bit-identical to a DDIM loop that calls the full guided forward (encode + denoise) at every step."""
+    _, _, pose, cond = _inputs()
+    diff = SMGADiffusion(CFG)
+    encodes = []
+    handle = model.cond_projection.register_forward_hook(lambda m, i, o: encodes.append(1))
+    try:
+        out = diff.sample(model, cond, pose, steps=4, guidance=guidance, generator=torch.Generator().manual_seed(3))
+    finally:
+        handle.remove()
+    assert len(encodes) == 1
+    # the reference loop, written out: guided_forward at every step, the same draws in the same order
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, W, POSE_DIM, generator=gen)
+    pairs = ddim_time_pairs(4, CFG.diffusion_steps)
+    with torch.no_grad():
+        for t, t_next in pairs:
+            x0 = model.guided_forward(x, torch.full((2,), t, dtype=torch.long), pose, cond, guidance).clamp(-1, 1)
+            x = x0 if t_next < 0 else diff.ddim_step(x, x0, t, t_next, CFG.eta,
+                                                     torch.randn(2, W, POSE_DIM, generator=gen) if CFG.eta > 0
+                                                     else None)
+    assert torch.equal(out, x)
+
+
+def test_sample_calls_the_given_denoise(model):
+    """``denoise`` replaces the model's guided_denoise (the engine's CUDA-graph hook) with the same arguments."""
+    _, _, pose, cond = _inputs()
+    seen = []
+
+    def denoise(x_t, t, init_pose, tokens, hidden, guidance):
+        seen.append((tuple(x_t.shape), tuple(tokens.shape), guidance))
+        return model.guided_denoise(x_t, t, init_pose, tokens, hidden, guidance)
+
+    diff = SMGADiffusion(CFG)
+    out = diff.sample(model, cond, pose, steps=3, guidance=2.0, generator=torch.Generator().manual_seed(1),
+                      denoise=denoise)
+    ref = diff.sample(model, cond, pose, steps=3, guidance=2.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, ref)
+    assert seen == [((2, W, POSE_DIM), (4, W, CFG.latent_dim), 2.0)] * 3
+
 # ---------------------------------------------------------------------------------------------------------------
 # Diffusion schedule and sampling
 # ---------------------------------------------------------------------------------------------------------------

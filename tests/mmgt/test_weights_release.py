@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from mmgt import keypoints as K
 from mmgt import pipeline as P
 from mmgt.config import TINY
 from mmgt.smga import SMGA, SMGADiffusion
-from mmgt.weights import ReleaseLayout, WeightsError, load_smga, load_stage2, read_checkpoint, save_smga, save_stage2
+from mmgt.weights import ReleaseLayout, WeightsError, load_smga, load_stage2, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ROOT.parent / "shared" / "mmgt_keys"

@@ -37,7 +37,7 @@ async def scenario(args) -> dict:
     avatar = P.prepare_avatar(models, image)
     report: dict = {"console": []}
     async with C.running_server(models, avatar, media_addresses=(args.address,), max_sessions=1) as (server, url):
-        report["warmup_s"] = await asyncio.get_running_loop().run_in_executor(None, server.warmup, 1.0)
+        report["warmup_s"] = await asyncio.get_running_loop().run_in_executor(None, server.warmup)
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=args.chromium, headless=True, args=[
                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",

@@ -30,7 +30,7 @@ def warm_models(tiny_models, tiny_avatar, one_thread):
     from streaming.session import SessionOptions
 
     AvatarServer(tiny_models, tiny_avatar,
-                 ServerConfig(session=SessionOptions(settings=TEST_SETTINGS, queue_frames=QUEUE_FRAMES))).warmup(1.0)
+                 ServerConfig(session=SessionOptions(settings=TEST_SETTINGS, queue_frames=QUEUE_FRAMES))).warmup()
     return tiny_models, tiny_avatar
 
 
