@@ -284,9 +284,20 @@ def audio_tokens(models: ModelSet, wav16k: np.ndarray, n_frames: int) -> torch.T
     return models.audioproj(win[None])[0]  # (F, T, D)
 
 
+def upload(x, device) -> torch.Tensor:
+    """CPU data (array or tensor) -> ``device`` without a host sync: on a GPU through pinned memory, asynchronously.
+
+    A copy from pageable memory blocks the calling thread until the stream has finished all earlier work, so the
+    inputs of chunk j+1 would wait for chunk j's denoising and the GPU would idle while the host prepares the next
+    chunk; an asynchronous copy from pinned memory is queued behind that work instead."""
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _masks_to_tensors(masks: Dict[str, List[np.ndarray]], device, dtype) -> Dict[str, List[torch.Tensor]]:
-    return {b: [torch.from_numpy(np.ascontiguousarray(m))[None].to(device, dtype) for m in masks[b]]
-            for b in BRANCHES}  # each (1, F, l*l)
+    return {b: [upload(m, device)[None].to(dtype) for m in masks[b]] for b in BRANCHES}  # each (1, F, l*l)
 
 
 @dataclass
@@ -329,10 +340,10 @@ def render_chunk(models: ModelSet, avatar: Avatar, inputs: ChunkInputs, steps: i
     sched = _schedule(cfg.sampler, steps, str(dev))
     cfg_on = guidance != 1.0
     # 1. Conditions: pose features, masks, audio tokens (CFG: unconditional audio and CLIP context are zeros)
-    pose = torch.from_numpy(inputs.pose_frames).to(dev).permute(3, 0, 1, 2)[None].to(dt) / 255.0  # (1, 3, C, R, R)
+    pose = upload(inputs.pose_frames, dev).permute(3, 0, 1, 2)[None].to(dt) / 255.0  # (1, 3, C, R, R)
     pose_feat = models.pose_guider(pose)  # (1, C0, C, h, w)
     masks = _masks_to_tensors(inputs.masks, dev, dt)
-    tokens = inputs.audio_tokens.to(dev, dt)[None]  # (1, C, T, D)
+    tokens = upload(inputs.audio_tokens, dev).to(dt)[None]  # (1, C, T, D)
     context = avatar.context
     if cfg_on:
         pose_feat = torch.cat([pose_feat, pose_feat])
@@ -341,10 +352,10 @@ def render_chunk(models: ModelSet, avatar: Avatar, inputs: ChunkInputs, steps: i
         context = torch.cat([torch.zeros_like(context), context])
     # 2. Noise per global frame (chunking-independent), then DDIM
     lat_h = lat_w = cfg.latent_size
-    noise = frame_noise((cfg.unet.in_channels, lat_h, lat_w), inputs.first_frame, n, seed).to(dev, dt)
+    noise = upload(frame_noise((cfg.unet.in_channels, lat_h, lat_w), inputs.first_frame, n, seed), dev).to(dt)
     x = noise.clone()  # (1, 4, C, h, w)
     n_known = 0 if known is None else known.shape[2]
-    for i, t in enumerate(sched.timesteps.tolist()):
+    for i, t in enumerate(_schedule(cfg.sampler, steps, "cpu").timesteps.tolist()):  # host ints: no device read
         if n_known:  # overlap frames follow the previous chunk's result, re-noised to this step
             x[:, :, :n_known] = sched.add_noise(known.to(dt), noise[:, :, :n_known], t)
         inp = torch.cat([x, x]) if cfg_on else x

@@ -6,6 +6,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "engine" / "assets"
+KEYS_DIR = ROOT.parent / "shared" / "mmgt_keys"  # the release key lists, beside the checkout (as CI has them)
+
+
+@pytest.fixture(scope="session")
+def keys_dir() -> Path:
+    """../shared/mmgt_keys; a test that needs it is skipped, naming the path, where it is not beside the checkout."""
+    if not KEYS_DIR.is_dir():
+        pytest.skip(f"release key lists not found: {KEYS_DIR} (the tests compare against them when present)")
+    return KEYS_DIR
+
+
+@pytest.fixture(scope="session")
+def release_keys(keys_dir):
+    """``release_keys(json_name, prefix="")``: {key without prefix: shape tuple} of one release key list."""
+    import json
+
+    def load(name: str, prefix: str = "") -> dict:
+        table = json.loads((keys_dir / name).read_text())
+        return {k[len(prefix):]: tuple(v) for k, v in table.items() if k.startswith(prefix)}
+
+    return load
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +50,14 @@ def portrait() -> np.ndarray:
 @pytest.fixture(scope="session")
 def speech() -> np.ndarray:
     """12 s of espeak-ng speech, 16 kHz mono float32."""
+    import importlib.util
+
+    if importlib.util.find_spec("av") is None:  # GPU machines without PyAV: the asset is 16 kHz mono FLAC
+        import soundfile
+
+        data, rate = soundfile.read(ASSETS / "speech.flac", dtype="float32")
+        assert rate == 16000 and data.ndim == 1
+        return data
     from mmgt.audio import load_audio
 
     return load_audio(ASSETS / "speech.flac")

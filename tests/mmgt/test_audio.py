@@ -5,7 +5,6 @@ import json
 import logging
 import threading
 import wave
-from pathlib import Path
 
 import av
 import numpy as np
@@ -14,9 +13,6 @@ import torch
 
 from mmgt import audio as A
 from mmgt.config import MMGT, TINY, WavLMConfig, replace
-
-KEYS = Path(__file__).resolve().parents[3] / "shared" / "mmgt_keys" / "net_state_dict_keys_shapes.json"
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
@@ -409,11 +405,8 @@ def test_audio_proj_shape_and_math():
         proj(torch.zeros(1, 3, 4, 2, 32))
 
 
-def test_audio_proj_release_keys_and_shapes_on_meta():
-    if not KEYS.is_file():
-        pytest.skip(f"release key list not found: {KEYS}")
-    table = json.loads(KEYS.read_text())
-    expected = {k[len("audioproj."):]: tuple(v) for k, v in table.items() if k.startswith("audioproj.")}
+def test_audio_proj_release_keys_and_shapes_on_meta(release_keys):
+    expected = release_keys("net_state_dict_keys_shapes.json", "audioproj.")
     assert len(expected) == 8
     with torch.device("meta"):
         proj = A.AudioProjModel(MMGT.audio_proj)

@@ -1,6 +1,4 @@
 """PoseGuider: release key layout, shapes, zero-initialised output, per-frame (inflated) convolutions."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,18 +7,8 @@ import torch.nn.functional as F
 from mmgt.config import MMGT, TINY, PoseGuiderConfig
 from mmgt.pose_guider import PoseGuider
 
-KEYS = Path(__file__).resolve().parents[3] / "shared" / "mmgt_keys" / "net_state_dict_keys_shapes.json"
-
-
-def release_pose_guider_keys():
-    if not KEYS.is_file():
-        pytest.skip(f"release key list not found: {KEYS}")
-    table = json.loads(KEYS.read_text())
-    return {k[len("pose_guider."):]: tuple(v) for k, v in table.items() if k.startswith("pose_guider.")}
-
-
-def test_release_size_keys_and_shapes_on_meta():
-    expected = release_pose_guider_keys()
+def test_release_size_keys_and_shapes_on_meta(release_keys):
+    expected = release_keys("net_state_dict_keys_shapes.json", "pose_guider.")
     assert len(expected) == 16
     with torch.device("meta"):
         pg = PoseGuider(MMGT.pose_guider)

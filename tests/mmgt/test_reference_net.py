@@ -1,6 +1,4 @@
 """ReferenceNet: release key layout, both presets build, the bank equals diffusers' norm1 outputs in read order."""
-import json
-from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -10,7 +8,6 @@ from mmgt.config import MMGT, TINY
 from mmgt.reference_net import ReferenceNet
 from mmgt.unet3d import UNet3D, reference_bank_layout
 
-KEYS_JSON = Path(__file__).resolve().parents[3] / "shared" / "mmgt_keys" / "net_state_dict_keys_shapes.json"
 CFG = TINY.unet
 SIDE = 8
 
@@ -26,12 +23,11 @@ def make_inputs(batch: int = 2, seed: int = 0):
             torch.randn(batch, 1, CFG.cross_attention_dim, generator=gen))
 
 
-def test_release_key_layout_matches_checkpoint_json():
-    expected = {k[len("reference_unet."):]: v for k, v in json.loads(KEYS_JSON.read_text()).items()
-                if k.startswith("reference_unet.")}
+def test_release_key_layout_matches_checkpoint_json(release_keys):
+    expected = release_keys("net_state_dict_keys_shapes.json", "reference_unet.")
     with torch.device("meta"):
         net = ReferenceNet(MMGT.unet)
-    got = {k: list(v.shape) for k, v in net.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     assert len(expected) == 682
     assert sorted(set(expected) - set(got)) == []  # missing
     assert sorted(set(got) - set(expected)) == []  # unexpected

@@ -1,9 +1,7 @@
 """Tests of mmgt/smga.py: SMGA network layout and math, its DDIM pose diffusion, and window continuation."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +15,6 @@ from mmgt.smga import (
     crossfade, ddim_time_pairs, release_state_dict, split_streams,
 )
 
-KEYS_JSON = Path(__file__).resolve().parents[3] / "shared" / "mmgt_keys" / "smga_gesture_decoder_keys_shapes.json"
 CFG = TINY.smga  # latent 64, 2 layers, 4 heads, window 80
 W = CFG.window
 
@@ -40,11 +37,11 @@ def model() -> SMGA:
 # Layout
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_release_keys_and_shapes_match_json():
-    ref = json.loads(KEYS_JSON.read_text())
+def test_release_keys_and_shapes_match_json(release_keys):
+    ref = release_keys("smga_gesture_decoder_keys_shapes.json")
     with torch.device("meta"):
         m = SMGA(MMGT.smga)
-    got = {k: list(v.shape) for k, v in release_state_dict(m).items()}
+    got = {k: tuple(v.shape) for k, v in release_state_dict(m).items()}
     assert len(ref) == 473
     assert sorted(set(ref) - set(got)) == []  # missing
     assert sorted(set(got) - set(ref)) == []  # unexpected

@@ -1,8 +1,6 @@
 """Denoising UNet3D (and its motion modules): release key layout, shapes, determinism, the per-frame SD1.5 path
 against diffusers' UNet2DConditionModel, reference-bank reading and CFG rows, attention backends, ONNX export."""
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,6 @@ from mmgt.mmhaa import MMHAA, AudioTransformerBlock
 from mmgt.motion_module import MotionModule
 from mmgt.unet3d import UNet3D, audio_mask_levels, reference_bank_layout
 
-KEYS_JSON = Path(__file__).resolve().parents[3] / "shared" / "mmgt_keys" / "net_state_dict_keys_shapes.json"
 CFG = TINY.unet
 B, F, SIDE, AUDIO_TOKENS = 2, 3, 8, 4
 
@@ -59,12 +56,11 @@ def make_bank(batch: int = 1, seed: int = 5):
     return tuple(torch.randn(entry.shape(batch), generator=gen) for entry in reference_bank_layout(CFG, SIDE))
 
 
-def test_release_key_layout_matches_checkpoint_json():
-    expected = {k[len("denoising_unet."):]: v for k, v in json.loads(KEYS_JSON.read_text()).items()
-                if k.startswith("denoising_unet.")}
+def test_release_key_layout_matches_checkpoint_json(release_keys):
+    expected = release_keys("net_state_dict_keys_shapes.json", "denoising_unet.")
     with torch.device("meta"):
         model = UNet3D(MMGT.unet)
-    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert len(expected) == 1526
     assert sorted(set(expected) - set(got)) == []  # missing
     assert sorted(set(got) - set(expected)) == []  # unexpected

@@ -14,12 +14,10 @@ from mmgt.smga import SMGA, SMGADiffusion
 from mmgt.weights import ReleaseLayout, WeightsError, load_smga, load_stage2, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-KEYS = ROOT.parent / "shared" / "mmgt_keys"
 
 
-@pytest.mark.skipif(not KEYS.is_dir(), reason="../shared/mmgt_keys not beside the checkout")
-def test_check_layout_cli_reports_zero_differences():
-    out = subprocess.run([sys.executable, "-m", "mmgt.weights", "--check-layout", str(KEYS)], cwd=ROOT,
+def test_check_layout_cli_reports_zero_differences(keys_dir):
+    out = subprocess.run([sys.executable, "-m", "mmgt.weights", "--check-layout", str(keys_dir)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
