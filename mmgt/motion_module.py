@@ -7,7 +7,10 @@ normalised tokens before q/k/v; then x += ff(ff_norm(x)) (GEGLU) -> ``proj_out``
 + residual. The position table is a saved buffer with ``motion_max_frames`` (32) rows, so one temporal window
 holds at most that many frames.
 
-Tensors stay in the denoiser's folded layout: (B*F, C, h, w) with frames inner (sample-major).
+The denoiser hands over its folded layout (B*F, C, h, w), frames inner (sample-major). The module changes the layout
+once, to pixel-major tokens (B*h*w, F, C) in which frames are the sequence axis, runs every norm, projection,
+attention and feed-forward there (all of them act per token or along frames) and changes it back once at the end:
+two full-tensor copies per module instead of two per attention block.
 """
 from __future__ import annotations
 
@@ -46,16 +49,13 @@ class TemporalAttention(Attention):
         self.max_frames = max_frames
         self.pos_encoder = PositionalEncoding(dim, max_frames)
 
-    def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:  # type: ignore[override]
-        rows, tokens, width = hidden_states.shape  # rows = B*F, tokens = h*w
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """(N, F, C) tokens, frames as the sequence axis -> (N, F, C)."""
+        num_frames = hidden_states.shape[1]
         if num_frames > self.max_frames:
             raise ValueError(f"mmgt.motion_module: {num_frames} frames in one temporal window, but the position "
                              f"table has {self.max_frames} entries; render in chunks of at most {self.max_frames}")
-        batch = rows // num_frames
-        x = hidden_states.reshape(batch, num_frames, tokens, width).transpose(1, 2)  # (B, hw, F, C)
-        x = self.pos_encoder(x.reshape(batch * tokens, num_frames, width))  # (B*hw, F, C)
-        x = self.processor(self, x)  # (B*hw, F, C)
-        return x.reshape(batch, tokens, num_frames, width).transpose(1, 2).reshape(rows, tokens, width)
+        return self.processor(self, self.pos_encoder(hidden_states))  # (N, F, C)
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -70,9 +70,9 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn="geglu")
         self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for attention, norm in zip(self.attention_blocks, self.norms):
-            hidden_states = attention(norm(hidden_states), num_frames) + hidden_states  # (B*F, hw, C)
+            hidden_states = attention(norm(hidden_states)) + hidden_states  # (B*hw, F, C)
         return self.ff(self.ff_norm(hidden_states)) + hidden_states
 
 
@@ -92,15 +92,20 @@ class TemporalTransformer3DModel(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
         rows, channels, height, width = hidden_states.shape  # (B*F, C, h, w)
+        batch, tokens = rows // num_frames, height * width
         residual = hidden_states
         x = self.norm(hidden_states)  # per-frame GroupNorm (frames are folded into the batch)
-        x = x.permute(0, 2, 3, 1).reshape(rows, height * width, channels)  # (B*F, hw, C)
+        # 1. one layout change in: every pixel's frames become a sequence (the only copy on the way in)
+        x = x.reshape(batch, num_frames, channels, tokens).permute(0, 3, 1, 2)  # (B, hw, F, C) view
+        x = x.reshape(batch * tokens, num_frames, channels)  # (B*hw, F, C)
+        # 2. everything per token or along frames, in that layout
         x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, num_frames)  # (B*F, hw, C)
+            x = block(x)  # (B*hw, F, C)
         x = self.proj_out(x)
-        x = x.reshape(rows, height, width, channels).permute(0, 3, 1, 2)  # (B*F, C, h, w)
-        return x + residual
+        # 3. one layout change out, then the residual
+        x = x.reshape(batch, tokens, num_frames, channels).permute(0, 2, 3, 1)  # (B, F, C, hw) view
+        return x.reshape(rows, channels, height, width) + residual  # (B*F, C, h, w)
 
 
 class MotionModule(nn.Module):

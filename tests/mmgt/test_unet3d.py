@@ -221,6 +221,32 @@ def test_motion_module_mixes_frames_only_through_time():
     assert (module(rev, 4)[:4].flip(0) - base[:4]).abs().max() > 1e-4
 
 
+@torch.no_grad()
+def test_motion_module_equals_animatediffs_rearrange_around_every_attention():
+    """One layout change per module gives what AnimateDiff computes with a (b f) <-> (b h w) rearrange around each
+    attention block; the reference below writes that out, attention included."""
+    torch.manual_seed(0)
+    module = MotionModule(16, heads=2, max_frames=32, norm_groups=4).eval()
+    randomize_zero_init(module)
+    f, b, c, h, w = 5, 2, 16, 3, 4
+    x = torch.randn(b * f, c, h, w)
+    tt, rows, hw = module.temporal_transformer, b * f, h * w
+    y = tt.proj_in(tt.norm(x).permute(0, 2, 3, 1).reshape(rows, hw, c))  # (b f) (h w) c
+    blk = tt.transformer_blocks[0]
+    for attn, norm in zip(blk.attention_blocks, blk.norms):
+        z = norm(y).reshape(b, f, hw, c).transpose(1, 2).reshape(b * hw, f, c) + attn.pos_encoder.pe[:, :f]
+
+        def heads(t):
+            return t.reshape(b * hw, f, attn.heads, c // attn.heads).transpose(1, 2)  # (b h w, heads, f, d)
+
+        probs = torch.softmax(heads(attn.to_q(z)) @ heads(attn.to_k(z)).transpose(-1, -2) * attn.scale, dim=-1)
+        a = attn.to_out[0]((probs @ heads(attn.to_v(z))).transpose(1, 2).reshape(b * hw, f, c))
+        y = a.reshape(b, hw, f, c).transpose(1, 2).reshape(rows, hw, c) + y
+    y = blk.ff(blk.ff_norm(y)) + y
+    ref = tt.proj_out(y).reshape(rows, h, w, c).permute(0, 3, 1, 2) + x
+    torch.testing.assert_close(module(x, f), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_mask_levels_per_down_block():
     levels = audio_mask_levels(MMGT.unet, MMGT.latent_size)
     assert [(lv.block, lv.level, lv.height, lv.tokens) for lv in levels] == [
