@@ -315,7 +315,8 @@ _MODELS: Dict[tuple, Any] = {}
 _AVATARS: "OrderedDict[tuple, Any]" = OrderedDict()
 _AVATAR_CACHE_SIZE = 4
 _CACHE_LOCK = threading.Lock()
-_MODEL_KEYS = ("preset", "weights", "device", "dtype", "backend", "artifacts")
+_MODEL_KEYS = ("preset", "weights", "device", "dtype", "backend", "artifacts", "tiny_decoder", "compile", "cuda_graphs")
+_SPEED_KEYS = ("compile", "cuda_graphs")  # applied per CFG layout of a job (_accelerated), not at load
 
 
 def _model_key(model_args: argparse.Namespace) -> tuple:
@@ -330,10 +331,39 @@ def cached_models(model_args: argparse.Namespace) -> Tuple[Any, float]:
             return _MODELS[key], 0.0
         _MODELS.clear()  # one model set per process: free the old one before loading the next
         _AVATARS.clear()
+        _ACCELERATED.clear()
         t = time.perf_counter()
-        models = _load_models(model_args)
+        base = argparse.Namespace(**{**vars(model_args), **{k: False for k in _SPEED_KEYS}})
+        models = _load_models(base)
         _MODELS[key] = models
         return models, time.perf_counter() - t
+
+
+# Compiled / CUDA-graphed denoisers of the current model set, one per CFG layout (jobs may switch guidance on or
+# off: the layout is part of the compiled shape), each warmed up once on the first job that needs it.
+_ACCELERATED: Dict[bool, Any] = {}
+
+
+def _accelerated(models, model_args: argparse.Namespace, settings: RenderSettings, avatar) -> Tuple[Any, float]:
+    """(the job's ModelSet with --compile / --cuda-graphs applied, warm-up seconds paid now: 0 when cached)."""
+    if not any(getattr(model_args, k, False) for k in _SPEED_KEYS):
+        return models, 0.0
+    from engine.backends import BackendUnavailable, accelerate
+    from engine.runner import Runner
+
+    guidance = models.cfg.sampler.guidance if settings.guidance is None else settings.guidance
+    layout = guidance != 1.0
+    with _CACHE_LOCK:
+        if layout in _ACCELERATED:
+            return _ACCELERATED[layout], 0.0
+        try:
+            fast = accelerate(models, settings, compile=bool(getattr(model_args, "compile", False)),
+                              cuda_graphs=bool(getattr(model_args, "cuda_graphs", False)))
+        except BackendUnavailable as e:
+            raise CLIError(f"--cuda-graphs: {e}") from e
+        seconds = Runner(fast, avatar, settings).warm_up()
+        _ACCELERATED[layout] = fast
+        return fast, seconds
 
 
 def _file_key(p: Optional[Path]) -> Optional[tuple]:
@@ -398,6 +428,7 @@ def _render(p: JobPayload, bar_factory: Optional[BarFactory]) -> Dict[str, Any]:
     models, load_seconds = cached_models(p.model_args)
     init_pose = Path(p.init_pose) if p.init_pose else None
     avatar = cached_avatar(models, p.model_args, Path(p.image), image, init_pose)
+    models, warmup_seconds = _accelerated(models, p.model_args, p.settings, avatar)
     # 3. the render: Mp4Sink writes a temp file and renames it over `out` only when complete
     runner = Runner(models, avatar, p.settings, poses=poses)
     sink = Mp4Sink(out, audio)
@@ -409,7 +440,7 @@ def _render(p: JobPayload, bar_factory: Optional[BarFactory]) -> Dict[str, Any]:
             "first_frame_latency": report.first_frame_latency, "real_time_factor": report.real_time_factor,
             "output_bytes": out.stat().st_size, "metrics": metrics, "pose_method": avatar.pose_method,
             "device": str(models.device), "compute_dtype": str(models.dtype).replace("torch.", ""),
-            "model_load_seconds": load_seconds}
+            "model_load_seconds": load_seconds, "warmup_seconds": warmup_seconds}
 
 
 def _error_message(e: BaseException) -> str:
@@ -427,7 +458,8 @@ def run_job(p: JobPayload, bar_factory: Optional[BarFactory] = None) -> Dict[str
                                "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
     try:
         result = _render(p, bar_factory)
-        outcome["worker"].update({k: result.pop(k) for k in ("device", "compute_dtype", "model_load_seconds")})
+        outcome["worker"].update({k: result.pop(k) for k in ("device", "compute_dtype", "model_load_seconds",
+                                                              "warmup_seconds")})
         outcome.update(result, status="ok")
     except Exception as e:  # noqa: BLE001 - reported per job
         outcome["error"] = _error_message(e)

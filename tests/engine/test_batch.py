@@ -368,3 +368,31 @@ def test_add_batch_parser_registers_the_command():
     assert args.func is batch.cmd_batch and args.manifest == Path("jobs.csv") and args.out_dir == Path("d")
     assert args.ray == "auto" and args.gpus_per_job == 1.0 and args.steps == 3 and args.preset == "tiny"
     assert batch.model_identity(args)["preset"] == "tiny"
+
+
+def test_speed_flags_apply_once_per_cfg_layout(tiny_models, tiny_avatar, monkeypatch):
+    """--compile / --cuda-graphs: one accelerated model set (and one warm-up) per CFG layout the jobs use; a CPU
+    model set with --cuda-graphs is one clear error."""
+    import argparse
+    import dataclasses
+
+    import engine.backends as backends
+    from engine.runner import Runner
+    from engine.settings import OFFLINE
+
+    made, warmed = [], []
+    monkeypatch.setattr(backends, "accelerate", lambda m, s, **kw: made.append(s.guidance) or dataclasses.replace(m))
+    monkeypatch.setattr(Runner, "warm_up", lambda self: warmed.append(self.settings.guidance) or 1.5)
+    monkeypatch.setattr(batch, "_ACCELERATED", {})
+    plain = argparse.Namespace(compile=False, cuda_graphs=False)
+    assert batch._accelerated(tiny_models, plain, OFFLINE, tiny_avatar) == (tiny_models, 0.0)
+    fast = argparse.Namespace(compile=True, cuda_graphs=False)
+    a, wa = batch._accelerated(tiny_models, fast, OFFLINE.with_(guidance=1.0), tiny_avatar)
+    b, wb = batch._accelerated(tiny_models, fast, OFFLINE.with_(guidance=3.5), tiny_avatar)
+    c, wc = batch._accelerated(tiny_models, fast, OFFLINE.with_(guidance=2.0), tiny_avatar)
+    assert made == warmed == [1.0, 3.5] and (wa, wb, wc) == (1.5, 1.5, 0.0)
+    assert c is b and a is not b
+    monkeypatch.undo()
+    monkeypatch.setattr(batch, "_ACCELERATED", {})
+    with pytest.raises(batch.CLIError, match="--cuda-graphs: CUDA graphs need a CUDA device"):
+        batch._accelerated(tiny_models, argparse.Namespace(compile=False, cuda_graphs=True), OFFLINE, tiny_avatar)
