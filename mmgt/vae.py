@@ -206,9 +206,19 @@ def to_uint8(frames: Union[torch.Tensor, np.ndarray], rounding: bool = False) ->
     """Frames in [0, 1], (N, 3, H, W) or (B, 3, F, H, W) -> np.uint8 (N or B*F, H, W, 3).
 
     Default truncates (x * 255 -> uint8) as the reference's save_videos_grid does; ``rounding=True`` rounds.
+    A tensor is converted where it lives (on a GPU: a quarter of the bytes cross to the host, and no host-side float
+    pass), in float32 with the same operations as the array path, so both give the same bytes.
     """
     if isinstance(frames, torch.Tensor):
-        frames = frames.detach().float().cpu().numpy()
+        x = frames.detach().float()
+        if x.ndim == 5:
+            x = x.permute(0, 2, 1, 3, 4).flatten(0, 1)  # (B*F, 3, H, W)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"to_uint8: expected (N, 3, H, W) or (B, 3, F, H, W) frames, got {tuple(frames.shape)}")
+        x = x.clamp(0.0, 1.0).permute(0, 2, 3, 1) * 255.0  # (N, H, W, 3)
+        if rounding:
+            x = torch.round(x)  # half to even, as np.round
+        return x.to(torch.uint8).contiguous().cpu().numpy()
     frames = np.asarray(frames, dtype=np.float32)
     if frames.ndim == 5:
         b, c, f, h, w = frames.shape

@@ -373,21 +373,37 @@ def apply_backend(models, backend: str = "torch", artifacts: Optional[Path] = No
     return dataclasses.replace(models, **changes)
 
 
+DECODE_FRAMES_PER_CALL = 4  # the accelerated decoder's one static batch (chunk - overlap is a multiple of 4 in
+# every preset, so the new frames of a chunk split without padding)
+
+
 def accelerate(models, settings=None, *, compile: bool = False, cuda_graphs: bool = False):
     """The torch path's speed options on a ModelSet (the CLI's ``--compile`` / ``--cuda-graphs``).
 
-    ``compile``: torch.compile the denoiser step (static shapes). ``cuda_graphs``: replay the denoiser step and the
-    SMGA step as CUDA graphs, one per input signature (engine.backends.graphs). Both change speed, not results: the
-    same kernels' math on the same inputs (compile may reorder float sums). ``settings`` fix the denoiser's CFG layout
-    (its guidance), as for the other backends. The first call of each shape compiles/captures: call
-    ``Runner.warm_up`` before timing or streaming.
+    ``compile``: torch.compile the denoiser step and the frame decoder (static shapes). ``cuda_graphs``: replay the
+    denoiser step, the frame decoder and the SMGA step as CUDA graphs, one per input signature
+    (engine.backends.graphs). The decoder in use (the light one when set, else the VAE's) runs in fixed batches of
+    ``DECODE_FRAMES_PER_CALL`` frames, so it has one shape however many frames a chunk emits. Both options change
+    speed, not results: the same math on the same inputs (compile may reorder float sums; the decoder adapter's
+    [-1, 1] round trip costs at most one float rounding). ``settings`` fix the denoiser's CFG layout (its guidance),
+    as for the other backends. The first call of each shape compiles/captures: call ``Runner.warm_up`` before timing
+    or streaming.
     """
     if not (compile or cuda_graphs):
         return models
     if cuda_graphs and models.device.type != "cuda":
         raise BackendUnavailable(f"CUDA graphs need a CUDA device; the models are on {models.device}")
+    from engine.backends.torch_backend import TorchBackend
+
     out = apply_backend(models, "torch", settings=settings, networks=("denoising_unet",), compile=compile,
                         cuda_graph=cuda_graphs)
+    # the frame decoder in use, in fixed batches
+    decoder = TorchBackend("vae_decoder", models, ExportShapes.from_config(models.cfg), compile=compile,
+                           cuda_graph=cuda_graphs, fixed_frames=DECODE_FRAMES_PER_CALL)
+    if models.decoder is not None:
+        out = dataclasses.replace(out, decoder=VAEAdapter(decoder, models.decoder, models.device, models.dtype))
+    else:
+        out = dataclasses.replace(out, vae=VAEAdapter(decoder, models.vae, models.device, models.dtype))
     if cuda_graphs:
         from engine.backends.graphs import StaticGraph
 
@@ -397,4 +413,5 @@ def accelerate(models, settings=None, *, compile: bool = False, cuda_graphs: boo
 
 
 __all__ = ["BACKENDS", "BackendUnavailable", "IOSpec", "Backend", "PoseGuiderAdapter", "AudioProjAdapter",
-           "ReferenceNetAdapter", "DenoiserAdapter", "VAEAdapter", "open_backend", "apply_backend", "accelerate"]
+           "ReferenceNetAdapter", "DenoiserAdapter", "VAEAdapter", "open_backend", "apply_backend", "accelerate",
+           "DECODE_FRAMES_PER_CALL"]

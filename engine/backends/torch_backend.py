@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
@@ -90,7 +90,7 @@ def _vae_encoder(m, s: ExportShapes) -> Call:
 def _vae_decoder(m, s: ExportShapes) -> Call:
     from mmgt.vae import VAEDecoder
 
-    decoder = VAEDecoder(m.vae)
+    decoder = VAEDecoder(m.decoder if getattr(m, "decoder", None) is not None else m.vae)  # the decoder in use
     return lambda x: {"frames": decoder(x["latents"])}
 
 
@@ -122,10 +122,23 @@ class TorchBackend(Backend):
     kind = "torch"
 
     def __init__(self, network: str, models, shapes: ExportShapes, autocast_fp16: bool = False,
-                 compile: bool = False, cuda_graph: bool = False):
+                 compile: bool = False, cuda_graph: bool = False, fixed_frames: Optional[int] = None):
+        """``fixed_frames`` (vae_decoder only): declare a static input of that many frames, so the adapters split
+        longer inputs into such calls and pad the last one (engine.backends._run_split): one shape to compile and
+        capture instead of one per frame count."""
         if network not in CALLS:
             raise ValueError(f"engine.backends.torch: unknown network {network!r}; known: {', '.join(CALLS)}")
-        super().__init__(network, inputs=None, outputs=None,
+        inputs = None
+        if fixed_frames is not None:
+            if network != "vae_decoder":
+                raise ValueError(f"engine.backends.torch: fixed_frames is for vae_decoder, not {network}")
+            from engine.backends import IOSpec
+
+            cfg = models.cfg
+            dtype = str(getattr(models, "dtype", torch.float32)).replace("torch.", "")
+            inputs = [IOSpec("latents", (int(fixed_frames), cfg.unet.in_channels, cfg.latent_size, cfg.latent_size),
+                             dtype)]
+        super().__init__(network, inputs=inputs, outputs=None,
                          meta={"uncond_rows": shapes.uncond_rows} if network == "denoising_unet" else {})
         self.device = _device_of(models, network)
         self.autocast_fp16 = autocast_fp16 and self.device.type == "cuda"

@@ -111,3 +111,39 @@ def test_accelerate_without_options_is_the_same_models_and_graphs_need_cuda(tiny
     assert accelerate(tiny_models) is tiny_models
     with pytest.raises(BackendUnavailable, match="CUDA graphs need a CUDA device"):
         accelerate(tiny_models, cuda_graphs=True)
+
+
+def test_fixed_batch_decoder_matches_the_vae(tiny_models):
+    """The accelerated decoder's shape: every call has DECODE_FRAMES_PER_CALL frames (the last one padded), and the
+    frames equal the plain VAE's up to the adapter's one rounding."""
+    from engine.backends import DECODE_FRAMES_PER_CALL, VAEAdapter
+    from engine.backends.torch_backend import TorchBackend
+    from export.manifest import ExportShapes
+
+    backend = TorchBackend("vae_decoder", tiny_models, ExportShapes.from_config(tiny_models.cfg),
+                           fixed_frames=DECODE_FRAMES_PER_CALL)
+    seen = []
+    run = backend._run
+    backend._run = lambda feeds: seen.append(tuple(feeds["latents"].shape)) or run(feeds)
+    models = dataclasses.replace(tiny_models, vae=VAEAdapter(backend, tiny_models.vae, tiny_models.device,
+                                                            tiny_models.dtype))
+    side = tiny_models.cfg.latent_size
+    lat = torch.randn(1, 4, 6, side, side, generator=torch.Generator().manual_seed(0))
+    ref, got = P.decode(tiny_models, lat), P.decode(models, lat)
+    assert got.shape == ref.shape == (6, tiny_models.cfg.resolution, tiny_models.cfg.resolution, 3)
+    assert np.abs(got.astype(int) - ref).max() <= 1
+    assert seen == [(DECODE_FRAMES_PER_CALL, 4, side, side)] * 2  # 6 frames: 4 + (2 padded to 4)
+
+
+def test_accelerate_replaces_the_decoder_in_use(tiny_models):
+    """--compile wraps the denoiser and the decoder the run decodes with (the light one when set); nothing is
+    compiled until the first call."""
+    from engine.backends import DenoiserAdapter, VAEAdapter
+    from mmgt.vae import build_tiny_decoder
+
+    fast = accelerate(tiny_models, compile=True)
+    assert isinstance(fast.denoising_unet, DenoiserAdapter) and isinstance(fast.vae, VAEAdapter)
+    assert fast.decoder is None and tiny_models.vae is not fast.vae
+    light = dataclasses.replace(tiny_models, decoder=build_tiny_decoder(tiny_models.cfg.vae, channels=16, seed=1))
+    fast = accelerate(light, compile=True)
+    assert isinstance(fast.decoder, VAEAdapter) and fast.vae is light.vae

@@ -110,6 +110,19 @@ def test_to_uint8_right_answers():
     assert to_uint8(video)[:, 0, 0, 0].tolist() == list(range(8))  # "(b f)" order
     with pytest.raises(ValueError, match="to_uint8"):
         to_uint8(np.zeros((2, 4, 8, 8)))
+    with pytest.raises(ValueError, match="to_uint8"):
+        to_uint8(torch.zeros(2, 4, 8, 8))
+
+
+@pytest.mark.parametrize("rounding", [False, True])
+def test_to_uint8_tensor_and_array_paths_give_the_same_bytes(rounding):
+    """Tensors convert where they live; the bytes equal the array path's (random values, exact halves, edges)."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.rand(3, 3, 2, 5, 7, generator=g) * 1.2 - 0.1  # (B, 3, F, H, W), some outside [0, 1]
+    f[0, 0, 0, 0, :5] = torch.tensor([0.5 / 255, 1.5 / 255, 127.5 / 255, 254.5 / 255, 1.0])
+    np.testing.assert_array_equal(to_uint8(f, rounding=rounding), to_uint8(f.numpy(), rounding=rounding))
+    half = f.half()  # the Stage II dtype on a GPU: converted through float32 on both paths
+    np.testing.assert_array_equal(to_uint8(half, rounding=rounding), to_uint8(half.float().numpy(), rounding=rounding))
 
 
 def test_tiny_decoder_same_interface(vae):
