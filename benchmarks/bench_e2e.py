@@ -70,7 +70,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=OFFLINE.chunk)
     ap.add_argument("--overlap", type=int, default=OFFLINE.overlap)
     ap.add_argument("--decoder", choices=["vae", "taesd"], default="vae")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the denoiser (warmed before timing)")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                    help="torch.compile the denoiser and decoder (warmed before timing); MODE e.g. "
+                         "max-autotune-no-cudagraphs")
     ap.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the denoiser and SMGA steps")
     ap.add_argument("--no-live", action="store_true", help="skip the live first-frame-latency runs")
     ap.add_argument("--threads", type=int, default=None)
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
         settings = OFFLINE.with_(steps=steps, guidance=guidance, chunk=args.chunk, overlap=args.overlap)
         # 2. the run's models (compiled / graphed for this CFG layout), warmed up: compile, capture, allocate
         if (guidance != 1.0) not in accelerated:  # one compiled/graphed denoiser per CFG layout, shared by configs
-            accelerated[guidance != 1.0] = accelerate(models, settings, compile=args.compile,
+            accelerated[guidance != 1.0] = accelerate(models, settings, compile=args.compile or False,
                                                       cuda_graphs=args.cuda_graphs)
         run_models = accelerated[guidance != 1.0]
         warm_s = Runner(run_models, avatar, settings).warm_up()
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
                "cuda_graphs": args.cuda_graphs,
                "build_seconds": build_s, "results": results}
     path = write_json(payload, args.out or result_path(f"e2e-{cfg.name}-{args.decoder}"
-                                                       + ("-compile" if args.compile else "")
+                                                       + (f"-compile-{args.compile}" if args.compile else "")
                                                        + ("-graphs" if args.cuda_graphs else ""), device))
     print(f"wrote {path}")
     return 0

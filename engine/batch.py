@@ -357,7 +357,7 @@ def _accelerated(models, model_args: argparse.Namespace, settings: RenderSetting
         if layout in _ACCELERATED:
             return _ACCELERATED[layout], 0.0
         try:
-            fast = accelerate(models, settings, compile=bool(getattr(model_args, "compile", False)),
+            fast = accelerate(models, settings, compile=getattr(model_args, "compile", None) or False,
                               cuda_graphs=bool(getattr(model_args, "cuda_graphs", False)))
         except BackendUnavailable as e:
             raise CLIError(f"--cuda-graphs: {e}") from e

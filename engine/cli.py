@@ -49,9 +49,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="decode frames with a light AutoencoderTiny (TAESD architecture) from this local diffusers "
                         "directory instead of the SD VAE: several times faster, slightly softer. Its weights are "
                         "yours to supply (trained for SD latents)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the denoiser (fixed shapes; compiled during a warm-up before the run, a minute "
-                        "or two, then every step is faster; worth it on a GPU)")
+    g.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "max-autotune-no-cudagraphs"], metavar="MODE",
+                   help="torch.compile the denoiser and the frame decoder (fixed shapes; compiled during a warm-up "
+                        "before the run, a minute or two per shape, then every step is faster; worth it on a GPU). "
+                        "MODE max-autotune-no-cudagraphs also tunes the matmul/conv kernels (much longer to compile)")
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay the denoiser step and the SMGA pose step as CUDA graphs (captured during the warm-up; "
                         "removes per-kernel launch overhead; CUDA only; combines with --compile)")
@@ -121,7 +123,7 @@ def _load_models(args, settings: Optional[RenderSettings] = None):
         log.info("decoding with the tiny decoder from %s", args.tiny_decoder)
     settings = settings or _settings_from(args, OFFLINE)
     backend = getattr(args, "backend", "torch")
-    compile_, graphs = getattr(args, "compile", False), getattr(args, "cuda_graphs", False)
+    compile_, graphs = getattr(args, "compile", None) or False, getattr(args, "cuda_graphs", False)
     if backend != "torch":
         from engine.backends import apply_backend
 

@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from export.manifest import (BRANCHES, CONFIG_SECTIONS, ONNX_NAME, PLAN_NAME, STAGE2_NETWORKS, ArtifactError,
                              ExportShapes, bank_name, config_hash, find_artifact, mask_name, module_float_dtype,
@@ -377,10 +377,11 @@ DECODE_FRAMES_PER_CALL = 4  # the accelerated decoder's one static batch (chunk 
 # every preset, so the new frames of a chunk split without padding)
 
 
-def accelerate(models, settings=None, *, compile: bool = False, cuda_graphs: bool = False):
+def accelerate(models, settings=None, *, compile: Union[bool, str] = False, cuda_graphs: bool = False):
     """The torch path's speed options on a ModelSet (the CLI's ``--compile`` / ``--cuda-graphs``).
 
-    ``compile``: torch.compile the denoiser step and the frame decoder (static shapes). ``cuda_graphs``: replay the
+    ``compile``: torch.compile the denoiser step and the frame decoder (static shapes; True or a torch.compile mode:
+    "max-autotune-no-cudagraphs" tunes GEMM/conv kernels, longer to compile). ``cuda_graphs``: replay the
     denoiser step, the frame decoder and the SMGA step as CUDA graphs, one per input signature
     (engine.backends.graphs). The decoder in use (the light one when set, else the VAE's) runs in fixed batches of
     ``DECODE_FRAMES_PER_CALL`` frames, so it has one shape however many frames a chunk emits. Both options change

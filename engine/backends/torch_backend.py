@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
@@ -114,7 +114,7 @@ class TorchBackend(Backend):
     """One eager mmgt network with named inputs and outputs.
 
     ``autocast_fp16``: run fp32 modules under CUDA fp16 autocast. ``compile``: wrap the call in torch.compile
-    (static shapes; the first call compiles). ``cuda_graph``: replay the call as a CUDA graph per input signature
+    (static shapes; the first call compiles; True or a torch.compile mode such as "max-autotune-no-cudagraphs"). ``cuda_graph``: replay the call as a CUDA graph per input signature
     (engine.backends.graphs.StaticGraph; on top of ``compile`` when both are set: the compiled kernels, launched
     by one replay).
     """
@@ -122,7 +122,7 @@ class TorchBackend(Backend):
     kind = "torch"
 
     def __init__(self, network: str, models, shapes: ExportShapes, autocast_fp16: bool = False,
-                 compile: bool = False, cuda_graph: bool = False, fixed_frames: Optional[int] = None):
+                 compile: Union[bool, str] = False, cuda_graph: bool = False, fixed_frames: Optional[int] = None):
         """``fixed_frames`` (vae_decoder only): declare a static input of that many frames, so the adapters split
         longer inputs into such calls and pad the last one (engine.backends._run_split): one shape to compile and
         capture instead of one per frame count."""
@@ -143,7 +143,8 @@ class TorchBackend(Backend):
         self.device = _device_of(models, network)
         self.autocast_fp16 = autocast_fp16 and self.device.type == "cuda"
         call = CALLS[network](models, shapes)
-        self._call = torch.compile(call, dynamic=False) if compile else call
+        mode = compile if isinstance(compile, str) and compile != "default" else None
+        self._call = torch.compile(call, dynamic=False, mode=mode) if compile else call
         self.graph = None
         if cuda_graph:
             from engine.backends.graphs import StaticGraph
