@@ -12,7 +12,8 @@ constants (ints, floats, bools, strings, None):
   the first call of a signature copies the tensors into static buffers, warms ``fn`` up on a side stream (lazy
   initialisation, cuBLAS workspaces, torch.compile's own compilation) and captures one ``fn`` call into a graph;
 * every call copies its tensors into that signature's buffers, replays the graph and returns *copies* of the outputs
-  (the next replay overwrites the static outputs).
+  (the next replay overwrites the static outputs). Calls are serialised by a lock, and on the GPU a call waits for the
+  previous one (an event), so threads on different CUDA streams may share one graph: the streaming sessions do.
 
 What ``fn`` may do: the same launches for the same signature, no host syncs (``.item()``, ``.cpu()``, printing a
 tensor), no CPU tensors as inputs, no new random draws (noise is an input). Constants are part of the signature,
@@ -75,6 +76,8 @@ class StaticGraph:
         self._entries: Dict[Hashable, _Entry] = {}
         self._lock = threading.Lock()  # one replay at a time: the static buffers are shared by all callers
         self._pool = None  # one memory pool for all signatures of this call (they never run concurrently)
+        self._done = None  # CUDA event after the last call's output copies: the next call, on any stream, waits on it
+        self._device: Optional[torch.device] = None  # the CUDA device of the captured graphs
         self.capture_seconds = 0.0  # warm-up + capture time spent so far (reported by benchmarks)
 
     @property
@@ -88,6 +91,10 @@ class StaticGraph:
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._new_entry(key, leaves, spec)
+            if entry.graph is not None and self._done is not None:
+                # the previous call may have come from another thread's stream and still be running on the GPU: its
+                # replay must have read the buffers (and its outputs been copied out) before they are overwritten
+                torch.cuda.current_stream(self._device).wait_event(self._done)
             # 1. this call's tensors into the signature's buffers (same shapes by construction of the key)
             for static, leaf in zip(entry.inputs, leaves):
                 if isinstance(leaf, torch.Tensor) and leaf.data_ptr() != static.data_ptr():
@@ -100,7 +107,12 @@ class StaticGraph:
                 entry.outputs = self.fn(*args_s, **kwargs_s)
             entry.replays += 1
             # 3. copies out: the next replay overwrites the static outputs
-            return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, entry.outputs)
+            out = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, entry.outputs)
+            if entry.graph is not None:
+                if self._done is None:
+                    self._done = torch.cuda.Event()
+                self._done.record(torch.cuda.current_stream(self._device))  # after the copies, on the caller's stream
+            return out
 
     # ------------------------------------------------------------------------------------------------------------
     def _new_entry(self, key: Hashable, leaves: List[Any], spec: Any) -> _Entry:
@@ -116,7 +128,8 @@ class StaticGraph:
         entry = _Entry(inputs=inputs, spec=spec, graph=None)
         if self.capture is not False and cuda:
             start = time.perf_counter()
-            entry.graph, entry.outputs = self._capture(inputs, spec, tensors[0].device)
+            self._device = tensors[0].device
+            entry.graph, entry.outputs = self._capture(inputs, spec, self._device)
             self.capture_seconds += time.perf_counter() - start
             log.info("%s: captured a CUDA graph for signature %d in %.1f s", self.name, len(self._entries) + 1,
                      time.perf_counter() - start)

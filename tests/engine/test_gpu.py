@@ -100,3 +100,24 @@ def test_runner_with_cuda_graphs_matches_eager(portrait, speech):
     a, b = np.concatenate(eager.frames).astype(int), np.concatenate(graphed.frames).astype(int)
     assert a.shape == b.shape == (64, TINY.resolution, TINY.resolution, 3)
     assert np.abs(a - b).mean() < 0.5
+
+
+def test_one_graph_shared_by_threads_on_their_own_streams(in_threads):
+    """Streaming sessions share the model set: two threads, each on its own CUDA stream, replay one graph with
+    their own inputs; every result is its own (the next call waits for the previous replay on the other stream)."""
+    from engine.backends.graphs import StaticGraph
+
+    g = StaticGraph(lambda x: (x @ x.T).sum(dim=1), name="shared", capture=True)  # long enough to overlap
+    bad = []
+
+    def work(i):
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            for k in range(10):
+                v = float(i * 10 + k + 1) / 64
+                out = g(torch.full((2048, 2048), v, device="cuda"))
+                if not torch.allclose(out, torch.full((2048,), v * v * 2048 * 2048, device="cuda"), rtol=1e-3):
+                    bad.append((i, k))
+
+    assert not in_threads(work, 2)
+    assert not bad and g.signatures == 1
