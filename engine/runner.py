@@ -179,8 +179,8 @@ class RunReport:
     real_time_factor: float = 0.0  # media seconds produced per wall second (>= 1: faster than real time)
     first_frame_latency: float = 0.0  # seconds from the first window's audio being available to the first frame out
     stage1_seconds: float = 0.0  # busy time of Stage I (audio features, SMGA, drawing, masks, audio tokens)
-    stage2_seconds: float = 0.0  # busy time of Stage II (pose guider + denoising steps)
-    decode_seconds: float = 0.0  # busy time of the decode worker (VAE decode + handing frames to the sink)
+    stage2_seconds: float = 0.0  # busy time of Stage II (pose guider + denoising; GPU time on a GPU, CUDA events)
+    decode_seconds: float = 0.0  # busy time of the decode worker (decode, GPU time on a GPU, + the sink's write)
     windows: int = 0  # pose windows run
     chunks: int = 0  # render chunks run
     av_offset_ms: float = 0.0  # |video duration - audio duration| in ms (offline) or last-frame offset (live)
@@ -363,18 +363,25 @@ class Runner:
                 yield pw
 
         # 2. Decode: the new frames of a denoised chunk -> the sink (a worker thread when overlapped)
-        def emit(job: Tuple[RenderChunk, torch.Tensor, Optional[torch.cuda.Event]]) -> None:
-            chunk, lat, ready = job
+        def emit(job: Tuple[RenderChunk, torch.Tensor, Optional[Tuple[torch.cuda.Event, torch.cuda.Event]]]) -> None:
+            chunk, lat, gpu = job  # gpu: (denoising began, latents ready) events of Stage II's stream, or None
             a = time.perf_counter()
-            with self._on_stream("decode", ready):
+            with self._on_stream("decode", gpu[1] if gpu else None):
+                began = _timing_event() if gpu else None  # completes once the latents exist: times the decode only
                 out = P.decode(self.models, lat[:, :, chunk.new_from:chunk.new_to])  # (n_new, R, R, 3) uint8
+                done = _timing_event() if gpu else None
+            if done is not None:
+                done.synchronize()  # P.decode ended with a copy to the host: immediate
             b = time.perf_counter()
             sink.write(FrameBatch(frames=out, first_frame=chunk.start + chunk.new_from, fps=FPS))
             c = time.perf_counter()
+            busy = (began.elapsed_time(done) / 1000 if gpu else b - a) + c - b
             with lock:
                 report.add_event(StageEvent("decode", chunk.index, a - t0, b - t0, len(out)))
                 report.add_event(StageEvent("sink", chunk.index, b - t0, c - t0, len(out)))
-                report.decode_seconds += c - a
+                report.decode_seconds += busy
+                if gpu:  # the host only enqueued the denoising; its GPU time is known now that it has finished
+                    report.stage2_seconds += gpu[0].elapsed_time(gpu[1]) / 1000
                 report.frames += len(out)
             if progress:
                 progress(len(out))
@@ -476,8 +483,9 @@ class Runner:
     @torch.no_grad()
     def _stage2_loop(self, pose_windows: Iterable[PoseWindow], emit: Callable, report: RunReport, t0: float,
                      lock: threading.Lock) -> None:
-        """Cut pose windows into render chunks; denoise each and hand (chunk, latents, ready event) to ``emit``."""
+        """Cut pose windows into render chunks; denoise each and hand (chunk, latents, GPU events) to ``emit``."""
         m, s = self.models, self.settings
+        cuda = torch.device(m.device).type == "cuda"
         planner = StreamChunkPlanner(s.chunk, s.overlap, max_chunk=m.cfg.unet.motion_max_frames)
         # frames received from Stage I and not yet behind the next chunk's start (global frame -> arrays)
         frames: List[np.ndarray] = []
@@ -489,6 +497,7 @@ class Runner:
         def render(chunk: RenderChunk) -> None:
             nonlocal known, base, frames, tokens
             a = time.perf_counter()
+            began = _timing_event() if cuda else None
             n_have = base + len(frames)
             idx = np.clip(np.arange(chunk.start, chunk.start + chunk.n_frames), None, n_have - 1) - base  # pad
             inputs = P.ChunkInputs(
@@ -499,16 +508,15 @@ class Runner:
             lat = P.render_chunk(m, self.avatar, inputs, self.steps, self.guidance, s.seed,
                                  known if chunk.overlap else None)  # (1, 4, C, h, w), still in flight on a GPU
             known = lat[:, :, chunk.n_frames - s.overlap:] if s.overlap else None
-            ready = None
-            if lat.is_cuda:  # the decode stream starts once these latents exist, not before
-                ready = torch.cuda.Event()
-                ready.record()
+            # the decode stream starts once these latents exist (the event), not before
+            gpu = (began, _timing_event()) if cuda else None
             b = time.perf_counter()
-            with lock:
+            with lock:  # on a GPU this event spans the host's enqueueing; the busy time comes from the events
                 report.add_event(StageEvent("stage2", chunk.index, a - t0, b - t0, chunk.new_to - chunk.new_from))
-                report.stage2_seconds += b - a
+                if not cuda:
+                    report.stage2_seconds += b - a
                 report.chunks += 1
-            emit((chunk, lat, ready))  # the decode worker holds `lat` until its frames are on the CPU
+            emit((chunk, lat, gpu))  # the decode worker holds `lat` until its frames are on the CPU
             # drop what no later chunk needs (the next chunk starts `chunk - overlap` frames later)
             keep_from = chunk.start + chunk.n_frames - s.overlap
             cut = max(0, min(keep_from - base, len(frames)))
@@ -558,6 +566,13 @@ class Runner:
         seconds = time.perf_counter() - t
         log.info("warm-up: %.1f s (first calls%s)", seconds, "" if self.models.cfg.trained else ", untrained preset")
         return seconds
+
+
+def _timing_event() -> "torch.cuda.Event":
+    """A timing event recorded now on the current CUDA stream."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def render_file(models: P.ModelSet, image: np.ndarray, audio: np.ndarray, sink: FrameSink,
