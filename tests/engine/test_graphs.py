@@ -135,15 +135,18 @@ def test_fixed_batch_decoder_matches_the_vae(tiny_models):
     assert seen == [(DECODE_FRAMES_PER_CALL, 4, side, side)] * 2  # 6 frames: 4 + (2 padded to 4)
 
 
-def test_accelerate_replaces_the_decoder_in_use(tiny_models):
+def test_accelerate_replaces_the_decoder_in_use(tiny_models, tiny_avatar, portrait):
     """--compile wraps the denoiser and the decoder the run decodes with (the light one when set); nothing is
-    compiled until the first call."""
+    compiled until the first call, and the avatar (VAE encoder, ReferenceNet) is prepared exactly as before."""
     from engine.backends import DenoiserAdapter, VAEAdapter
     from mmgt.vae import build_tiny_decoder
 
     fast = accelerate(tiny_models, compile=True)
     assert isinstance(fast.denoising_unet, DenoiserAdapter) and isinstance(fast.vae, VAEAdapter)
     assert fast.decoder is None and tiny_models.vae is not fast.vae
+    avatar = P.prepare_avatar(fast, portrait)
+    assert torch.equal(avatar.ref_latent, tiny_avatar.ref_latent)
+    assert all(torch.equal(a, b) for a, b in zip(avatar.bank, tiny_avatar.bank))
     light = dataclasses.replace(tiny_models, decoder=build_tiny_decoder(tiny_models.cfg.vae, channels=16, seed=1))
     fast = accelerate(light, compile=True)
     assert isinstance(fast.decoder, VAEAdapter) and fast.vae is light.vae
