@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The GPU measurements behind the README's performance table, in steps that each fit one 10-minute call on a
-# rented GPU machine (compiling the release-size denoiser takes about two minutes per shape):
+# rented GPU machine (compiling the release-size denoiser takes about two minutes per shape). In order of what the
+# GPU issue needs most (a 30-minute session fits about the first five):
 #
-#   bash benchmarks/gpu_plan.sh STEP        STEP: tests | networks | chunks | e2e | e2e-vae | e2e-cfg | all
+#   bash benchmarks/gpu_plan.sh STEP
 #
-# tests     the GPU-marked tests (fp16 vs fp32, compiled and CUDA-graphed vs eager, runner with graphs)
-# networks  every network at the release sizes, chunk 16: eager / compile / CUDA graph, fp16 and fp32, MFU
-# chunks    the denoiser step alone at chunks 24 and 32 (MFU and per-frame cost of larger render chunks)
-# e2e       the runner, 4 and 8 steps without CFG, torch.compile + CUDA graphs, TAESD-architecture decoder;
-#           offline RTF plus live first-frame latency
-# e2e-vae   the same with the SD VAE decoder
-# e2e-cfg   30 steps with CFG 3.5 (offline only)
+# e2e       the runner, 4 steps without CFG, torch.compile + CUDA graphs, TAESD-architecture decoder: offline
+#           real-time factor and live first-frame latency
+# chunks    the denoiser step alone at chunks 16, 24 and 32, compiled + graphed, fp16 (MFU per render-chunk size)
+# tests     the GPU-marked tests (fp16 vs fp32, compiled and CUDA-graphed vs eager, runner with graphs, shared graphs)
+# e2e-vae   4 steps without CFG with the SD VAE decoder (offline)
+# e2e-8     8 steps without CFG, TAESD-architecture decoder (offline)
+# e2e-cfg   30 steps with CFG 3.5 (offline, 4 s of speech)
+# networks  the networks the last changes touched (UNet3D, decoders, SMGA): eager / compile / CUDA graph, fp16
+# all       every step above, in that order
 #
 # Results are JSON under $OUT (when the machine runner sets it) or benchmarks/results/. A machine without
 # diffusers/librosa gets them from the wheels in .whl/ (carried along; no network needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?"usage: bash benchmarks/gpu_plan.sh tests|networks|chunks|e2e|e2e-vae|e2e-cfg|all"}
+step=${1:?"usage: bash benchmarks/gpu_plan.sh e2e|chunks|tests|e2e-vae|e2e-8|e2e-cfg|networks|all"}
+case "$step" in e2e|chunks|tests|e2e-vae|e2e-8|e2e-cfg|networks|all) ;; *) echo "unknown step $step" >&2; exit 2 ;; esac
 if ! python -c "import diffusers, librosa" 2>/dev/null; then
   python -m pip install -q --no-deps .whl/*.whl
 fi
@@ -27,27 +31,29 @@ gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).lower().repla
 
 run() { echo "+ $*" >&2; "$@"; }
 case "$step" in
+  e2e)
+    run python -m benchmarks.bench_e2e --preset mmgt --configs 4:1.0 --compile --cuda-graphs --decoder taesd \
+      --out "$out/e2e-mmgt-taesd-compile-graphs-$gpu.json" ;;
+  chunks)
+    for c in 16 24 32; do
+      run python -m benchmarks.bench_networks --preset mmgt --device cuda:0 --chunk "$c" --networks unet3d \
+        --dtype fp16 --compile --cuda-graphs --no-analysis --max-seconds 4 --out "$out/networks-mmgt-unet3d-c$c-$gpu.json"
+    done ;;
   tests)
     run python -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_gpu.py ;;
-  networks)
-    run python -m benchmarks.bench_networks --preset mmgt --device cuda:0 --chunk 16 --compile --cuda-graphs \
-      --budget-s 480 --out "$out/networks-mmgt-$gpu.json" ;;
-  chunks)
-    for c in 24 32; do
-      run python -m benchmarks.bench_networks --preset mmgt --device cuda:0 --chunk "$c" --networks unet3d \
-        --dtype fp16 --compile --cuda-graphs --no-analysis --out "$out/networks-mmgt-unet3d-c$c-$gpu.json"
-    done ;;
-  e2e)
-    run python -m benchmarks.bench_e2e --preset mmgt --configs 4:1.0 8:1.0 --compile --cuda-graphs --decoder taesd \
-      --out "$out/e2e-mmgt-taesd-compile-graphs-$gpu.json" ;;
   e2e-vae)
-    run python -m benchmarks.bench_e2e --preset mmgt --configs 4:1.0 8:1.0 --compile --cuda-graphs --decoder vae \
+    run python -m benchmarks.bench_e2e --preset mmgt --configs 4:1.0 --compile --cuda-graphs --decoder vae --no-live \
       --out "$out/e2e-mmgt-vae-compile-graphs-$gpu.json" ;;
+  e2e-8)
+    run python -m benchmarks.bench_e2e --preset mmgt --configs 8:1.0 --compile --cuda-graphs --decoder taesd --no-live \
+      --out "$out/e2e-mmgt-taesd-8steps-compile-graphs-$gpu.json" ;;
   e2e-cfg)
-    run python -m benchmarks.bench_e2e --preset mmgt --configs 30:3.5 --seconds 4 --compile --cuda-graphs \
-      --no-live --out "$out/e2e-mmgt-cfg-compile-graphs-$gpu.json" ;;
+    run python -m benchmarks.bench_e2e --preset mmgt --configs 30:3.5 --seconds 4 --compile --cuda-graphs --no-live \
+      --out "$out/e2e-mmgt-cfg-compile-graphs-$gpu.json" ;;
+  networks)
+    run python -m benchmarks.bench_networks --preset mmgt --device cuda:0 --chunk 16 --dtype fp16 \
+      --networks unet3d,vae_decode,taesd_decode,smga --compile --cuda-graphs --no-analysis --max-seconds 4 \
+      --budget-s 400 --out "$out/networks-mmgt-changed-$gpu.json" ;;
   all)
-    for s in tests networks chunks e2e e2e-vae e2e-cfg; do bash "$0" "$s"; done ;;
-  *)
-    echo "unknown step $step" >&2; exit 2 ;;
+    for s in e2e chunks tests e2e-vae e2e-8 e2e-cfg networks; do bash "$0" "$s"; done ;;
 esac
