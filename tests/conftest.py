@@ -92,3 +92,23 @@ def in_threads():
         return errors
 
     return run
+
+
+@pytest.fixture(scope="session")
+def collecting_sink():
+    """A NullSink subclass that keeps the frames: ``sink.out`` (batches) and ``sink.video()`` (all frames)."""
+    from engine.sinks import NullSink
+
+    class CollectingSink(NullSink):
+        def __init__(self):
+            super().__init__()
+            self.out = []
+
+        def write(self, batch) -> None:
+            super().write(batch)
+            self.out.append(batch.frames)
+
+        def video(self) -> np.ndarray:
+            return np.concatenate(self.out)
+
+    return CollectingSink

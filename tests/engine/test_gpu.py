@@ -71,33 +71,23 @@ def test_captured_graph_replays_new_inputs():
     assert g.signatures == 1
 
 
-def test_runner_with_cuda_graphs_matches_eager(portrait, speech):
+def test_runner_with_cuda_graphs_matches_eager(portrait, speech, collecting_sink):
     """The whole runner (Stage I SMGA graph on its stream, graphed denoiser, decode worker on its stream)."""
     from engine.backends import accelerate
     from engine.runner import Runner
     from engine.settings import OFFLINE
-    from engine.sinks import NullSink
     from mmgt import pipeline as P
     from mmgt.config import TINY
-
-    class Collect(NullSink):
-        def __init__(self):
-            super().__init__()
-            self.frames = []
-
-        def write(self, batch):
-            super().write(batch)
-            self.frames.append(batch.frames)
 
     settings = OFFLINE.with_(hop=40, chunk=12, overlap=4, steps=3, smga_steps=4)
     models = P.build_models(TINY, device="cuda", dtype=torch.float32)
     avatar = P.prepare_avatar(models, portrait)
-    eager, graphed = Collect(), Collect()
+    eager, graphed = collecting_sink(), collecting_sink()
     Runner(models, avatar, settings).run(speech[: 64 * 640], eager)
     runner = Runner(accelerate(models, settings, cuda_graphs=True), avatar, settings)
     runner.warm_up()
     runner.run(speech[: 64 * 640], graphed)
-    a, b = np.concatenate(eager.frames).astype(int), np.concatenate(graphed.frames).astype(int)
+    a, b = eager.video().astype(int), graphed.video().astype(int)
     assert a.shape == b.shape == (64, TINY.resolution, TINY.resolution, 3)
     assert np.abs(a - b).mean() < 0.5
 
