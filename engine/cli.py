@@ -55,8 +55,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                         "before the run, a minute or two per shape, then every step is faster; worth it on a GPU). "
                         "MODE max-autotune-no-cudagraphs also tunes the matmul/conv kernels (much longer to compile)")
     g.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the denoiser step and the SMGA pose step as CUDA graphs (captured during the warm-up; "
-                        "removes per-kernel launch overhead; CUDA only; combines with --compile)")
+                   help="replay the denoiser step, the frame decoder and the SMGA pose step as CUDA graphs (captured "
+                        "during the warm-up; removes per-kernel launch overhead; CUDA only; combines with --compile)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for the tiny preset on a CPU, whose ops are too small to gain "
                         "from more; torch's own choice otherwise). CPU frames depend slightly on it: equal counts "
