@@ -567,6 +567,23 @@ class Runner:
         log.info("warm-up: %.1f s (first calls%s)", seconds, "" if self.models.cfg.trained else ", untrained preset")
         return seconds
 
+    def probe(self, seconds: float = 2.0) -> float:
+        """Steady-state frames per second of these settings on this machine: ``seconds`` of near-silence streamed in
+        at once (the engine runs flat out), measured between the first and the last frames out. Call after
+        ``warm_up``; 25 or more keeps a live stream in real time."""
+        from .sinks import NullSink
+
+        hiss = (np.random.default_rng(1).standard_normal(int(seconds * AUDIO_SAMPLE_RATE)) * 1e-3).astype(np.float32)
+        return steady_fps(self.run_stream(iter([AudioChunk(hiss, 0)]), NullSink()))
+
+
+def steady_fps(report: RunReport) -> float:
+    """Frames per second between the first and the last frames out (the pipeline's fill time left out)."""
+    sinks = [e for e in report.events if e.stage == "sink"]
+    if len(sinks) < 2:
+        return report.frames / max(report.wall_seconds, 1e-9)
+    return (report.frames - sinks[0].frames) / max(sinks[-1].end - sinks[0].end, 1e-9)
+
 
 def _timing_event() -> "torch.cuda.Event":
     """A timing event recorded now on the current CUDA stream."""

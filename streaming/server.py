@@ -37,6 +37,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from engine.types import FPS
+
 from .session import Session, SessionOptions
 
 log = logging.getLogger(__name__)
@@ -201,6 +203,12 @@ class AvatarServer:
         from engine.runner import Runner
 
         return Runner(self.models, self.avatar, self.config.session.settings).warm_up()
+
+    def probe(self, seconds: float = 2.0) -> float:
+        """Frames per second the session settings render at on this machine (engine.runner.Runner.probe)."""
+        from engine.runner import Runner
+
+        return Runner(self.models, self.avatar, self.config.session.settings).probe(seconds)
 
     # ------------------------------------------------------------------------------------------------------------
     def app(self):
@@ -454,6 +462,16 @@ def load_avatar(models, image: np.ndarray, pose_file=None, weights_dir=None):
     return P.prepare_avatar(models, image, pose_file=pose_file, weights_dir=weights_dir)
 
 
+def speed_note(fps: float) -> Tuple[int, str]:
+    """The start-up line about the measured render speed: (logging level, message); a warning under real time."""
+    if fps < FPS:
+        return logging.WARNING, (
+            f"this machine renders {fps:.1f} fps with these settings, under the {FPS} fps of a live stream: viewers "
+            "will see the picture hold. Lower --steps or raise --hop/--chunk; on a GPU add --tiny-decoder, --compile "
+            "and --cuda-graphs")
+    return logging.INFO, f"renders {fps:.1f} fps with these settings ({fps / FPS:.1f}x real time)"
+
+
 def serve(models, avatar, config: ServerConfig) -> None:
     """Run the server until interrupted (blocking)."""
     from aiohttp import web
@@ -462,9 +480,10 @@ def serve(models, avatar, config: ServerConfig) -> None:
     if config.mic:
         server.start_mic()
     log.info("warm-up render took %.1f s", server.warmup())
+    log.log(*speed_note(server.probe()))
     log.info("serving http://%s:%d/ (max %d sessions)", config.host, config.port, config.max_sessions)
     web.run_app(server.app(), host=config.host, port=config.port, print=None, handle_signals=True)
 
 
 __all__ = ["AvatarServer", "ServerConfig", "BadRequest", "share_models", "parse_port_range", "restrict_udp_ports",
-           "pin_media_addresses", "check_offer", "serve", "load_avatar"]
+           "pin_media_addresses", "check_offer", "serve", "load_avatar", "speed_note"]

@@ -223,3 +223,19 @@ def test_warm_up_changes_no_frame(tiny_models, tiny_avatar, speech, run_fast):
     again = CollectSink()
     runner.run(audio, again)
     np.testing.assert_array_equal(again.video(), sink.video())
+
+
+def test_steady_fps_leaves_the_fill_time_out():
+    from engine.runner import RunReport, StageEvent, steady_fps
+
+    rep = RunReport(frames=40, wall_seconds=3.0)
+    for i, (end, n) in enumerate([(2.0, 10), (2.5, 10), (3.0, 10), (3.5, 10)]):  # 10 frames every 0.5 s after 2 s
+        rep.add_event(StageEvent("sink", i, end - 0.1, end, n))
+    assert steady_fps(rep) == pytest.approx(20.0)  # 30 frames in 1.5 s, not 40 frames in 3 s
+    assert steady_fps(RunReport(frames=5, wall_seconds=2.0)) == 2.5  # one batch: the plain rate
+
+
+def test_probe_measures_the_settings_on_this_machine(tiny_models, tiny_avatar):
+    runner = Runner(tiny_models, tiny_avatar, FAST)
+    fps = runner.probe(seconds=1.5)
+    assert 0 < fps < 10_000

@@ -301,3 +301,14 @@ def test_av_offset_measurement_finds_a_known_offset():
         assert w["audio_ms"] == pytest.approx(300.0, abs=1.0)
         assert w["av_ms"] == pytest.approx(w["video_ms"] - 300.0, abs=1.0) and w["corr"] > 0.9
     assert rejected == {"hold or skip inside": 1}  # the window with the hold in it is left out
+
+
+def test_start_up_speed_note_warns_under_real_time():
+    import logging
+
+    from streaming.server import speed_note
+
+    level, text = speed_note(12.04)
+    assert level == logging.WARNING and "12.0 fps" in text and "--steps" in text
+    level, text = speed_note(50.0)
+    assert level == logging.INFO and "2.0x real time" in text
