@@ -568,12 +568,16 @@ class Runner:
         return seconds
 
     def probe(self, seconds: float = 2.0) -> float:
-        """Steady-state frames per second of these settings on this machine: ``seconds`` of near-silence streamed in
-        at once (the engine runs flat out), measured between the first and the last frames out. Call after
-        ``warm_up``; 25 or more keeps a live stream in real time."""
+        """Steady-state frames per second of these settings on this machine: at least ``seconds`` of near-silence
+        (and enough for 6 chunks after the first and 3 pose windows) streamed in at once, so the engine runs flat out,
+        measured between the first and the last frames out. Call after ``warm_up``; 25 or more keeps a live stream
+        in real time."""
         from .sinks import NullSink
 
-        hiss = (np.random.default_rng(1).standard_normal(int(seconds * AUDIO_SAMPLE_RATE)) * 1e-3).astype(np.float32)
+        s = self.settings
+        frames = max(int(seconds * FPS), s.chunk + 6 * (s.chunk - s.overlap), 3 * s.hop)
+        n = frames * (AUDIO_SAMPLE_RATE // FPS)
+        hiss = (np.random.default_rng(1).standard_normal(n) * 1e-3).astype(np.float32)
         return steady_fps(self.run_stream(iter([AudioChunk(hiss, 0)]), NullSink()))
 
 
