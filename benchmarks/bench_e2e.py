@@ -132,13 +132,15 @@ def main(argv=None) -> int:
             chunks = [AudioChunk(audio[i:i + 320], i) for i in range(0, min(len(audio), 16000 * 4), 320)]
             lrep = Runner(run_models, avatar, live).run_stream(iter(chunks), NullSink())
             row.update({"live_first_frame_latency_s": lrep.first_frame_latency, "live_settings": vars(live),
+                        "live_steady_fps": Runner(run_models, avatar, live).probe(),
                         "live_warmup_seconds": live_warm_s, "live_real_time_factor": lrep.real_time_factor,
                         "live_stage1_seconds": lrep.stage1_seconds, "live_stage2_seconds": lrep.stage2_seconds,
                         "live_frames": lrep.frames})
         results.append(row)
         print(f"steps {steps:>2} guidance {guidance:.1f}: RTF {row['real_time_factor']:.2f} ({row['fps']:.1f} fps), "
               f"stage I {rep.stage1_seconds:.2f} s, stage II {rep.stage2_seconds:.2f} s, decode "
-              f"{rep.decode_seconds:.2f} s" + (f", live first frame {row['live_first_frame_latency_s'] * 1000:.0f} ms"
+              f"{rep.decode_seconds:.2f} s" + (f", live first frame {row['live_first_frame_latency_s'] * 1000:.0f} ms, "
+                                              f"live steady {row['live_steady_fps']:.1f} fps"
                                                  if "live_first_frame_latency_s" in row else ""))
     payload = {"benchmark": "bench_e2e", "machine": machine_info(device), "preset": cfg.name,
                "resolution": cfg.resolution, "dtype": str(dtype), "decoder": args.decoder, "compile": args.compile,
