@@ -84,6 +84,7 @@ class StaticGraph:
     def signatures(self) -> int:
         return len(self._entries)
 
+    @torch.no_grad()  # inference only: a graph recorded with autograd would keep every activation alive
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = (str(spec), tuple(_leaf_key(x, self.name) for x in leaves))
