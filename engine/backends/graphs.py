@@ -59,7 +59,6 @@ class _Entry:
     spec: Any  # pytree spec of (args, kwargs)
     graph: Optional["torch.cuda.CUDAGraph"]
     outputs: Any = None
-    replays: int = 0
 
 
 class StaticGraph:
@@ -78,7 +77,6 @@ class StaticGraph:
         self._pool = None  # one memory pool for all signatures of this call (they never run concurrently)
         self._done = None  # CUDA event after the last call's output copies: the next call, on any stream, waits on it
         self._device: Optional[torch.device] = None  # the CUDA device of the captured graphs
-        self.capture_seconds = 0.0  # warm-up + capture time spent so far (reported by benchmarks)
 
     @property
     def signatures(self) -> int:
@@ -106,7 +104,6 @@ class StaticGraph:
             else:
                 args_s, kwargs_s = pytree.tree_unflatten(entry.inputs, entry.spec)
                 entry.outputs = self.fn(*args_s, **kwargs_s)
-            entry.replays += 1
             # 3. copies out: the next replay overwrites the static outputs
             out = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, entry.outputs)
             if entry.graph is not None:
@@ -131,7 +128,6 @@ class StaticGraph:
             start = time.perf_counter()
             self._device = tensors[0].device
             entry.graph, entry.outputs = self._capture(inputs, spec, self._device)
-            self.capture_seconds += time.perf_counter() - start
             log.info("%s: captured a CUDA graph for signature %d in %.1f s", self.name, len(self._entries) + 1,
                      time.perf_counter() - start)
         self._entries[key] = entry
