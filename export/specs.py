@@ -198,13 +198,7 @@ class SMGAGuidedStep(nn.Module):
         self.smga = smga
 
     def forward(self, x_t, t, init_pose, cond, guidance):
-        b = x_t.shape[0]
-        tok_c, hid_c = self.smga.encode_condition(cond, b)  # (B, W, D), (B, D)
-        tok_u, hid_u = self.smga.encode_condition(None, b)  # the learned null condition
-        out = self.smga.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([init_pose, init_pose]),
-                                torch.cat([tok_c, tok_u]), torch.cat([hid_c, hid_u]))  # (2B, W, 402)
-        conditioned, uncond = out[:b], out[b:]
-        return uncond + (conditioned - uncond) * guidance.reshape(-1, 1, 1)  # (B, W, 402)
+        return self.smga.guided_forward(x_t, t, init_pose, cond, guidance.reshape(-1, 1, 1))  # (B, W, 402)
 
 
 class WavLMFeatures(nn.Module):

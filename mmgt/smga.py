@@ -279,6 +279,11 @@ def split_streams(x: Tensor) -> Tuple[Tensor, Tensor]:
 # The network
 # ---------------------------------------------------------------------------------------------------------------
 
+def _single_pass(guidance: Union[float, Tensor]) -> bool:
+    """guidance == 1 needs only the conditional pass; a tensor weight is an input whose value is not known here."""
+    return not isinstance(guidance, Tensor) and guidance == 1.0
+
+
 class SMGA(nn.Module):
     """SMGA GestureDecoder: (x_t, t, init_pose, audio cond) -> predicted x0, all (B, W, 402) in SMGA space."""
 
@@ -373,22 +378,23 @@ class SMGA(nn.Module):
         tokens, hidden = self.encode_condition(cond, x_t.shape[0])
         return self.denoise(x_t, t, init_pose, tokens, hidden)
 
-    def guided_condition(self, cond: Tensor, batch: int, guidance: float) -> Tuple[Tensor, Tensor]:
+    def guided_condition(self, cond: Tensor, batch: int, guidance: Union[float, Tensor]) -> Tuple[Tensor, Tensor]:
         """The encoded condition ``guided_denoise`` takes: (tokens, hidden) of the audio, and under guidance != 1
         the null condition's stacked after them ((2B, W, D), (2B, D)). It does not depend on x_t or t, so a sampler
         encodes it once per window instead of once per step."""
         tok_c, hid_c = self.encode_condition(cond, batch)  # (B, W, D), (B, D)
-        if guidance == 1.0:
+        if _single_pass(guidance):
             return tok_c, hid_c
         tok_u, hid_u = self.encode_condition(None, batch)
         return torch.cat([tok_c, tok_u.to(tok_c.dtype)]), torch.cat([hid_c, hid_u.to(hid_c.dtype)])
 
     def guided_denoise(self, x_t: Tensor, t: Tensor, init_pose: Tensor, cond_tokens: Tensor, cond_hidden: Tensor,
-                       guidance: float) -> Tensor:
+                       guidance: Union[float, Tensor]) -> Tensor:
         """Classifier-free guidance on an encoded condition (``guided_condition``): uncond + (cond - uncond) *
-        guidance, both halves in ONE decoder pass; guidance == 1 is the conditional prediction alone. Fixed shapes and
-        no host syncs: the engine replays this as a CUDA graph."""
-        if guidance == 1.0:
+        guidance, both halves in ONE decoder pass; guidance == 1 is the conditional prediction alone. A tensor
+        guidance (an exported graph's input, broadcastable to (B, W, 402)) always takes the two-half pass. Fixed
+        shapes and no host syncs: the engine replays this as a CUDA graph."""
+        if _single_pass(guidance):
             return self.denoise(x_t, t, init_pose, cond_tokens, cond_hidden)  # (B, W, 402)
         b = x_t.shape[0]
         out = self.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([init_pose, init_pose]),
@@ -396,7 +402,8 @@ class SMGA(nn.Module):
         conditioned, uncond = out[:b], out[b:]  # (B, W, 402) each
         return uncond + (conditioned - uncond) * guidance
 
-    def guided_forward(self, x_t: Tensor, t: Tensor, init_pose: Tensor, cond: Tensor, guidance: float) -> Tensor:
+    def guided_forward(self, x_t: Tensor, t: Tensor, init_pose: Tensor, cond: Tensor,
+                       guidance: Union[float, Tensor]) -> Tensor:
         """Classifier-free guidance from the raw audio condition (one step as exported): encode, then
         ``guided_denoise``."""
         self._check_inputs(x_t, t, init_pose, cond)
