@@ -201,28 +201,17 @@ class SMGAGuidedStep(nn.Module):
         return self.smga.guided_forward(x_t, t, init_pose, cond, guidance.reshape(-1, 1, 1))  # (B, W, 402)
 
 
-class WavLMFeatures(nn.Module):
-    """mmgt.audio.wavlm_features as a graph: wave (1, L) -> (W, hidden) at 25 fps."""
+class SpeechFeatures(nn.Module):
+    """A speech encoder's features as a graph: wave (1, L) -> its 25 fps features, by mmgt.audio's own tensor math
+    (``wavlm_hidden``: (W, hidden), the SMGA condition; ``wav2vec2_hidden``: (W, layers, hidden), every layer)."""
 
-    def __init__(self, wavlm: nn.Module, n_frames: int):
+    def __init__(self, encoder: nn.Module, n_frames: int, hidden: Callable[..., torch.Tensor]):
         super().__init__()
-        self.wavlm, self.n_frames = wavlm, n_frames
-        self.normalize = bool(getattr(wavlm.config, "normalize_input", True))
+        self.encoder, self.n_frames, self.hidden = encoder, n_frames, hidden
+        self.normalize = bool(getattr(encoder.config, "normalize_input", True))
 
     def forward(self, wave):
-        return wavlm_hidden(self.wavlm, wave, self.n_frames, self.normalize)  # (W, H)
-
-
-class Wav2Vec2Features(nn.Module):
-    """mmgt.audio.wav2vec2_features as a graph: wave (1, L) -> (W, layers, hidden), every layer's output."""
-
-    def __init__(self, wav2vec2: nn.Module, n_frames: int):
-        super().__init__()
-        self.wav2vec2, self.n_frames = wav2vec2, n_frames
-        self.normalize = bool(getattr(wav2vec2.config, "normalize_input", True))
-
-    def forward(self, wave):
-        return wav2vec2_hidden(self.wav2vec2, wave, self.n_frames, self.normalize)  # (W, layers, H)
+        return self.hidden(self.encoder, wave, self.n_frames, self.normalize)
 
 
 class ReferenceBank(nn.Module):
@@ -307,12 +296,12 @@ def network_specs(cfg: MMGTConfig, shapes: ExportShapes) -> Dict[str, NetworkSpe
             "wavlm", "WavLM last hidden state at 25 fps (the SMGA condition without the librosa columns)",
             inputs=(_f("wave", (1, shapes.wave_samples), dtype="float32"),),
             outputs=(_f("features", (W, cfg.wavlm.hidden_size), dtype="float32"),),
-            factory=lambda m: WavLMFeatures(m.wavlm, W), shape_fields=("smga_window",), allow_fp16=False),
+            factory=lambda m: SpeechFeatures(m.wavlm, W, wavlm_hidden), shape_fields=("smga_window",), allow_fp16=False),
         NetworkSpec(
             "wav2vec2", "wav2vec2 hidden states of every layer at 25 fps (input of the audio projection)",
             inputs=(_f("wave", (1, shapes.wave_samples), dtype="float32"),),
             outputs=(_f("hidden_states", (W, cfg.wav2vec2.num_layers, cfg.wav2vec2.hidden_size), dtype="float32"),),
-            factory=lambda m: Wav2Vec2Features(m.wav2vec2, W), shape_fields=("smga_window",), allow_fp16=False),
+            factory=lambda m: SpeechFeatures(m.wav2vec2, W, wav2vec2_hidden), shape_fields=("smga_window",), allow_fp16=False),
         NetworkSpec(
             "audio_proj", "AudioProjModel: +-2-frame wav2vec2 windows -> MM-HAA tokens per frame",
             inputs=(_f("audio_windows", (1, shapes.audio_frames_max, ap.seq_len, ap.blocks, ap.channels),
@@ -375,5 +364,5 @@ def contract_notes(cfg: MMGTConfig, shapes: ExportShapes) -> Dict[str, str]:
 
 
 __all__ = ["FLOAT", "TORCH_DTYPES", "Dynamic", "TensorSpec", "NetworkSpec", "ExportShapes", "DEFAULT_CHUNK",
-           "NETWORKS", "STAGE2_NETWORKS", "SMGAStep", "SMGAGuidedStep", "WavLMFeatures", "Wav2Vec2Features",
+           "NETWORKS", "STAGE2_NETWORKS", "SMGAStep", "SMGAGuidedStep", "SpeechFeatures",
            "ReferenceBank", "DenoiserStep", "VAEEncode", "network_specs", "contract_notes"]
