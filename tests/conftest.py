@@ -96,7 +96,7 @@ def in_threads():
 
 @pytest.fixture(scope="session")
 def collecting_sink():
-    """A NullSink subclass that keeps the frames: ``sink.out`` (batches) and ``sink.video()`` (all frames)."""
+    """A NullSink that keeps what it gets: ``sink.out`` (the FrameBatches) and ``sink.video()`` (all frames)."""
     from engine.sinks import NullSink
 
     class CollectingSink(NullSink):
@@ -106,9 +106,9 @@ def collecting_sink():
 
         def write(self, batch) -> None:
             super().write(batch)
-            self.out.append(batch.frames)
+            self.out.append(batch)
 
         def video(self) -> np.ndarray:
-            return np.concatenate(self.out)
+            return np.concatenate([b.frames for b in self.out])
 
     return CollectingSink

@@ -6,8 +6,6 @@ import pytest
 
 from engine.runner import RenderCancelled, Runner
 from engine.settings import OFFLINE, RenderSettings
-from engine.sinks import NullSink
-from engine.types import FrameBatch
 
 # small but real: 8 pose windows, 19 chunks, crossfaded pose seams and chunk overlap. queue_size 1 bounds how far
 # Stage I may run ahead, so the overlap assertions below hold whatever the machine's speed.
@@ -15,23 +13,10 @@ HOP, CHUNK, OVERLAP, FRAMES = 20, 12, 4, 150
 FAST = OFFLINE.with_(hop=HOP, crossfade=4, chunk=CHUNK, overlap=OVERLAP, queue_size=1)
 
 
-class CollectSink(NullSink):
-    def __init__(self):
-        super().__init__()
-        self.out = []
-
-    def write(self, batch: FrameBatch) -> None:
-        super().write(batch)
-        self.out.append(batch)
-
-    def video(self) -> np.ndarray:
-        return np.concatenate([b.frames for b in self.out])
-
-
 @pytest.fixture(scope="module")
-def run_fast(tiny_models, tiny_avatar, speech):
+def run_fast(tiny_models, tiny_avatar, speech, collecting_sink):
     audio = speech[: FRAMES * 640]  # 150 frames -> windows at 0, 20, ..., 140
-    sink = CollectSink()
+    sink = collecting_sink()
     report = Runner(tiny_models, tiny_avatar, FAST).run(audio, sink)
     return audio, sink, report
 
@@ -75,36 +60,36 @@ def test_seams_are_no_worse_than_motion(run_fast):
         assert diffs[i] <= 2 * inside, f"seam after frame {i}: {diffs[i]:.2f} vs inside mean {inside:.2f}"
 
 
-def test_same_seed_same_frames_and_chunking_invariance(tiny_models, tiny_avatar, speech, run_fast):
+def test_same_seed_same_frames_and_chunking_invariance(tiny_models, tiny_avatar, speech, run_fast, collecting_sink):
     audio, sink, _ = run_fast
-    again = CollectSink()
+    again = collecting_sink()
     Runner(tiny_models, tiny_avatar, FAST).run(audio, again)
     np.testing.assert_array_equal(again.video(), sink.video())
-    other = CollectSink()
+    other = collecting_sink()
     Runner(tiny_models, tiny_avatar, FAST.with_(seed=5)).run(audio, other)
     assert np.abs(other.video().astype(int) - sink.video()).mean() > 1
 
 
-def test_stream_mode_matches_frame_count(tiny_models, tiny_avatar, speech):
+def test_stream_mode_matches_frame_count(tiny_models, tiny_avatar, speech, collecting_sink):
     from engine.types import AudioChunk
 
     audio = speech[: int(16000 * 2.0)]  # 50 frames
     live = RenderSettings(hop=10, crossfade=2, lookahead=4, chunk=12, overlap=4, smga_steps=2)
     chunks = [AudioChunk(samples=audio[i:i + 640 * 2], start_sample=i) for i in range(0, len(audio), 1280)]
-    sink = CollectSink()
+    sink = collecting_sink()
     report = Runner(tiny_models, tiny_avatar, live).run_stream(iter(chunks), sink)
     assert report.frames == 50 == len(sink.video())
     assert report.windows == 5
 
 
-def test_pose_driven_mode_uses_the_given_poses(tiny_models, tiny_avatar, speech):
+def test_pose_driven_mode_uses_the_given_poses(tiny_models, tiny_avatar, speech, collecting_sink):
     from mmgt.init_pose import template_pose_512
 
     base = template_pose_512()
     poses = np.repeat(base[None], 30, axis=0)
     poses[15:, :, 0] += 120  # the whole person moves right in the second half
     audio = speech[: 16000]  # 25 frames
-    a, b = CollectSink(), CollectSink()
+    a, b = collecting_sink(), collecting_sink()
     Runner(tiny_models, tiny_avatar, FAST, poses=poses).run(audio, a)
     Runner(tiny_models, tiny_avatar, FAST, poses=np.repeat(base[None], 30, axis=0)).run(audio, b)
     va, vb = a.video(), b.video()
@@ -113,8 +98,8 @@ def test_pose_driven_mode_uses_the_given_poses(tiny_models, tiny_avatar, speech)
     assert np.abs(va[16:].astype(int) - vb[16:]).mean() > 0.5, "the moved poses did not change the frames"
 
 
-def test_stop_cancels_without_commit(tiny_models, tiny_avatar, speech):
-    class StopAfterFirst(CollectSink):
+def test_stop_cancels_without_commit(tiny_models, tiny_avatar, speech, collecting_sink):
+    class StopAfterFirst(collecting_sink):
         def __init__(self, runner_box):
             super().__init__()
             self.box = runner_box
@@ -162,15 +147,15 @@ def test_long_live_run_keeps_bounded_events(tiny_models, tiny_avatar):
     assert rep.first_frame_out == 0.5  # the first frame is remembered after its event left the timeline
 
 
-def test_stop_before_run_cancels_it(tiny_models, tiny_avatar, speech):
+def test_stop_before_run_cancels_it(tiny_models, tiny_avatar, speech, collecting_sink):
     runner = Runner(tiny_models, tiny_avatar, FAST)
     runner.stop()
     with pytest.raises(RenderCancelled):
-        runner.run(speech[:16000], CollectSink())
-    assert runner.run(speech[:16000], CollectSink()).frames == 25  # and the next run goes ahead
+        runner.run(speech[:16000], collecting_sink())
+    assert runner.run(speech[:16000], collecting_sink()).frames == 25  # and the next run goes ahead
 
 
-def test_decode_runs_beside_the_next_chunks_denoising(tiny_models, tiny_avatar, speech, monkeypatch):
+def test_decode_runs_beside_the_next_chunks_denoising(tiny_models, tiny_avatar, speech, monkeypatch, collecting_sink):
     """The sink receives chunk 0's frames while Stage II is already denoising chunk 1: the first write blocks until
     the second render_chunk call has started. Inline decoding would never get there (the write would time out)."""
     from mmgt import pipeline as P
@@ -184,7 +169,7 @@ def test_decode_runs_beside_the_next_chunks_denoising(tiny_models, tiny_avatar, 
 
     monkeypatch.setattr(P, "render_chunk", counting)
 
-    class WaitForNextChunk(CollectSink):
+    class WaitForNextChunk(collecting_sink):
         def write(self, batch):
             if not self.out:
                 assert started.acquire(timeout=60) and started.acquire(timeout=60), \
@@ -198,8 +183,8 @@ def test_decode_runs_beside_the_next_chunks_denoising(tiny_models, tiny_avatar, 
     assert decode == {e.index for e in report.events if e.stage == "stage2"} and report.decode_seconds > 0
 
 
-def test_a_failing_sink_stops_the_run_and_is_closed_uncommitted(tiny_models, tiny_avatar, speech):
-    class Broken(CollectSink):
+def test_a_failing_sink_stops_the_run_and_is_closed_uncommitted(tiny_models, tiny_avatar, speech, collecting_sink):
+    class Broken(collecting_sink):
         closed_ok = None
 
         def write(self, batch):
@@ -216,11 +201,11 @@ def test_a_failing_sink_stops_the_run_and_is_closed_uncommitted(tiny_models, tin
     assert sink.closed_ok is False and len(sink.out) == 1
 
 
-def test_warm_up_changes_no_frame(tiny_models, tiny_avatar, speech, run_fast):
+def test_warm_up_changes_no_frame(tiny_models, tiny_avatar, speech, run_fast, collecting_sink):
     audio, sink, _ = run_fast
     runner = Runner(tiny_models, tiny_avatar, FAST)
     assert runner.warm_up() > 0
-    again = CollectSink()
+    again = collecting_sink()
     runner.run(audio, again)
     np.testing.assert_array_equal(again.video(), sink.video())
 
