@@ -35,7 +35,8 @@ from mmgt import keypoints as K
 from mmgt import pipeline as P
 from mmgt.config import AUDIO_SAMPLE_RATE, FPS
 
-from .scheduler import RenderChunk, StreamChunkPlanner, StreamPlanner, Window, crossfade_weights, frames_for_samples, plan_windows
+from .scheduler import (RenderChunk, StreamChunkPlanner, StreamPlanner, Window, crossfade_weights, frames_for_samples,
+                        plan_windows)
 from .settings import OFFLINE, RenderSettings
 from .types import AudioChunk, FrameBatch, FrameSink, PoseWindow, RunMeta
 

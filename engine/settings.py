@@ -37,7 +37,8 @@ LIVE = RenderSettings(hop=8, crossfade=4, lookahead=4, chunk=12, overlap=4, smga
 
 # Live on a CPU (the tiny preset on a few cores): one SMGA window per 40 frames (Stage I costs per window), the largest
 # render chunk (32 frames, 28 new), one denoising step, two pose steps. Flat out ~130 fps (5x real time, Runner.probe)
-# on two idle cores; first frame after ~1.8 s of audio, steady-state latency ~2.7 s of audio (streaming.session.structural_latency).
+# on two idle cores; first frame after ~1.8 s of audio, steady-state latency ~2.7 s of audio
+# (streaming.session.structural_latency).
 LIVE_CPU = LIVE.with_(hop=40, chunk=32, overlap=4, smga_steps=2, steps=1)
 
 SETTINGS = {"offline": OFFLINE, "live": LIVE, "live-cpu": LIVE_CPU}

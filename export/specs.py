@@ -296,12 +296,14 @@ def network_specs(cfg: MMGTConfig, shapes: ExportShapes) -> Dict[str, NetworkSpe
             "wavlm", "WavLM last hidden state at 25 fps (the SMGA condition without the librosa columns)",
             inputs=(_f("wave", (1, shapes.wave_samples), dtype="float32"),),
             outputs=(_f("features", (W, cfg.wavlm.hidden_size), dtype="float32"),),
-            factory=lambda m: SpeechFeatures(m.wavlm, W, wavlm_hidden), shape_fields=("smga_window",), allow_fp16=False),
+            factory=lambda m: SpeechFeatures(m.wavlm, W, wavlm_hidden), shape_fields=("smga_window",),
+            allow_fp16=False),
         NetworkSpec(
             "wav2vec2", "wav2vec2 hidden states of every layer at 25 fps (input of the audio projection)",
             inputs=(_f("wave", (1, shapes.wave_samples), dtype="float32"),),
             outputs=(_f("hidden_states", (W, cfg.wav2vec2.num_layers, cfg.wav2vec2.hidden_size), dtype="float32"),),
-            factory=lambda m: SpeechFeatures(m.wav2vec2, W, wav2vec2_hidden), shape_fields=("smga_window",), allow_fp16=False),
+            factory=lambda m: SpeechFeatures(m.wav2vec2, W, wav2vec2_hidden), shape_fields=("smga_window",),
+            allow_fp16=False),
         NetworkSpec(
             "audio_proj", "AudioProjModel: +-2-frame wav2vec2 windows -> MM-HAA tokens per frame",
             inputs=(_f("audio_windows", (1, shapes.audio_frames_max, ap.seq_len, ap.blocks, ap.channels),

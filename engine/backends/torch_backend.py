@@ -114,9 +114,9 @@ class TorchBackend(Backend):
     """One eager mmgt network with named inputs and outputs.
 
     ``autocast_fp16``: run fp32 modules under CUDA fp16 autocast. ``compile``: wrap the call in torch.compile
-    (static shapes; the first call compiles; True or a torch.compile mode such as "max-autotune-no-cudagraphs"). ``cuda_graph``: replay the call as a CUDA graph per input signature
-    (engine.backends.graphs.StaticGraph; on top of ``compile`` when both are set: the compiled kernels, launched
-    by one replay).
+    (static shapes; the first call compiles; True or a torch.compile mode such as "max-autotune-no-cudagraphs").
+    ``cuda_graph``: replay the call as a CUDA graph per input signature (engine.backends.graphs.StaticGraph; on top
+    of ``compile`` when both are set: the compiled kernels, launched by one replay).
     """
 
     kind = "torch"

@@ -65,7 +65,8 @@ def test_captured_graph_replays_new_inputs():
             x = torch.randn(1, w, 402, device="cuda", generator=gen)
             t = torch.randint(0, 1000, (1,), device="cuda", generator=gen)
             pose = torch.rand(1, 402, device="cuda", generator=gen)
-            tok, hid = torch.randn(2, w, d, device="cuda", generator=gen), torch.randn(2, d, device="cuda", generator=gen)
+            tok = torch.randn(2, w, d, device="cuda", generator=gen)
+            hid = torch.randn(2, d, device="cuda", generator=gen)
             torch.testing.assert_close(g(x, t, pose, tok, hid, 2.0), smga.guided_denoise(x, t, pose, tok, hid, 2.0),
                                        rtol=1e-4, atol=1e-4)
     assert g.signatures == 1
