@@ -119,3 +119,16 @@ def test_stage2_mismatch_names_file_and_keys(tmp_path, tiny_models):
 def test_missing_release_file_is_named(tmp_path):
     with pytest.raises(WeightsError, match="weights directory not found"):
         P.load_models(tmp_path / "nothing", TINY)
+
+
+def test_key_list_copy_matches_shared():
+    """tests/data/mmgt_keys is a copy of ../shared/mmgt_keys for clones without it; where both exist they are equal."""
+    shared = ROOT.parent / "shared" / "mmgt_keys"
+    copy = ROOT / "tests" / "data" / "mmgt_keys"
+    names = sorted(p.name for p in copy.glob("*.json"))
+    assert names == ["denoising_unet_stage1_keys_shapes.json", "net_state_dict_keys_shapes.json",
+                     "smga_gesture_decoder_keys_shapes.json"]
+    if shared.is_dir():  # a lone clone has only the copy, whose layouts the other key tests check
+        assert sorted(p.name for p in shared.glob("*.json")) == names
+        for name in names:
+            assert (copy / name).read_bytes() == (shared / name).read_bytes(), name
