@@ -40,7 +40,7 @@ def _speech(seconds: float) -> np.ndarray:
     if npy.is_file():
         speech = np.load(npy)
     else:
-        from mmgt.audio import load_audio
+        from mmgt.audio_io import load_audio
 
         speech = load_audio(ASSETS / "speech.flac")
     n = int(16000 * seconds)

@@ -150,9 +150,10 @@ def unet_cases(cfg: MMGTConfig, chunk: int, device: torch.device) -> List[Case]:
 
 def build_networks(cfg: MMGTConfig, chunk: int, device: torch.device, names: Sequence[str]) -> List[Network]:
     """The selected networks at the preset's sizes, in ``NETWORKS`` order."""
-    from mmgt.audio import AudioProjModel, build_wav2vec2, build_wavlm, wav2vec2_features, wavlm_features
+    from mmgt.audio_proj import AudioProjModel
     from mmgt.pose_guider import PoseGuider
     from mmgt.smga import build_smga
+    from mmgt.speech_encoders import build_wav2vec2, build_wavlm, wav2vec2_features, wavlm_features
     from mmgt.vae import VAEDecoder, build_tiny_decoder, build_vae
 
     def unet3d() -> nn.Module:  # mmgt.unet3d / reference_net import diffusers' UNet blocks: only when asked for

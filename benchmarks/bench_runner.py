@@ -21,7 +21,7 @@ from engine.runner import Runner
 from engine.settings import LIVE, OFFLINE
 from engine.sinks import NullSink
 from mmgt import pipeline as P
-from mmgt.audio import load_audio
+from mmgt.audio_io import load_audio
 from mmgt.config import get_preset
 
 ASSETS = Path(__file__).resolve().parents[1] / "engine" / "assets"

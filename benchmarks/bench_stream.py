@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     import stream_client as client  # the test client: loopback ICE, speech track, A/V measurement
 
     from mmgt import pipeline as P
-    from mmgt.audio import load_audio
+    from mmgt.audio_io import load_audio
     from mmgt.config import TINY
     from PIL import Image
 

@@ -406,7 +406,7 @@ def _render(p: JobPayload, bar_factory: Optional[BarFactory]) -> Dict[str, Any]:
     from engine.runner import Runner
     from engine.scheduler import frames_for_samples
     from engine.sinks import Mp4Sink
-    from mmgt.audio import load_audio
+    from mmgt.audio_io import load_audio
     from mmgt.keypoints import load_pose_file
 
     out = Path(p.output)
@@ -444,7 +444,7 @@ def _render(p: JobPayload, bar_factory: Optional[BarFactory]) -> Dict[str, Any]:
 
 
 def _error_message(e: BaseException) -> str:
-    from mmgt.audio import AudioError
+    from mmgt.audio_io import AudioError
 
     known = (CLIError, JobInputError, AudioError, FileNotFoundError, ValueError)
     return str(e) if isinstance(e, known) and str(e) else f"{type(e).__name__}: {e}"

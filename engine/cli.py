@@ -181,7 +181,7 @@ def _render(args, image_path: Path, audio_path: Path) -> int:
     from engine.runner import Runner
     from engine.sinks import Mp4Sink
     from mmgt import pipeline as P
-    from mmgt.audio import AudioError, load_audio
+    from mmgt.audio_io import AudioError, load_audio
     from mmgt.keypoints import load_pose_file
 
     settings = _settings_from(args, OFFLINE)

@@ -32,7 +32,7 @@ class FileSource:
     them (the chunk covering [t, t + chunk) is yielded at t + chunk after the first one)."""
 
     def __init__(self, path: str | os.PathLike, chunk_ms: float = 40.0, realtime: bool = False) -> None:
-        from mmgt.audio import AudioError, load_audio  # imported here: mmgt.audio pulls in the audio-model stack
+        from mmgt.audio_io import AudioError, load_audio  # imported here: mmgt.audio_io imports torch
 
         self.path = os.fspath(path)
         if chunk_ms <= 0:

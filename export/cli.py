@@ -103,7 +103,7 @@ def _random_models(cfg, networks: Sequence[str]) -> SimpleNamespace:
     import torch
 
     from mmgt import pipeline as P
-    from mmgt.audio import build_wav2vec2, build_wavlm
+    from mmgt.speech_encoders import build_wav2vec2, build_wavlm
     from mmgt.smga import build_smga
     from mmgt.vae import build_vae
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from mmgt.audio import wav2vec2_hidden, wavlm_hidden
+from mmgt.speech_encoders import wav2vec2_hidden, wavlm_hidden
 from mmgt.config import POSE_DIM, MMGTConfig
 from mmgt.unet3d import audio_mask_levels, reference_bank_layout
 from mmgt.vae import VAEDecoder

@@ -27,9 +27,7 @@ import torch
 from torch import nn
 
 from . import keypoints as K
-from .audio import AudioProjModel, audio_windows, build_wav2vec2, build_wavlm, load_wav2vec2, load_wavlm
-from .audio import smga_condition as _smga_condition
-from .audio import wav2vec2_features
+from .audio_proj import AudioProjModel, audio_windows
 from .config import FPS, MMGT, MMGTConfig
 from .image_encoder import build_clip, clip_embed, load_clip
 from .init_pose import initial_pose
@@ -40,6 +38,8 @@ from .pose_render import render_poses
 from .reference_net import ReferenceNet
 from .seeding import seeded
 from .smga import SMGA, SMGADiffusion, build_smga
+from .speech_encoders import build_wav2vec2, build_wavlm, load_wav2vec2, load_wavlm, wav2vec2_features
+from .speech_encoders import smga_condition as _smga_condition
 from .unet3d import UNet3D
 from .vae import build_vae, decode_latents, encode_reference, load_vae, to_uint8
 from .weights import ReleaseLayout, WeightsError, load_smga, load_stage2

@@ -58,7 +58,7 @@ def speech() -> np.ndarray:
         data, rate = soundfile.read(ASSETS / "speech.flac", dtype="float32")
         assert rate == 16000 and data.ndim == 1
         return data
-    from mmgt.audio import load_audio
+    from mmgt.audio_io import load_audio
 
     return load_audio(ASSETS / "speech.flac")
 

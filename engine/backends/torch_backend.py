@@ -36,13 +36,13 @@ def _smga_step_guided(m, s: ExportShapes) -> Call:
 
 
 def _wavlm(m, s: ExportShapes) -> Call:
-    from mmgt.audio import wavlm_features
+    from mmgt.speech_encoders import wavlm_features
 
     return lambda x: {"features": wavlm_features(m.wavlm, x["wave"][0], s.smga_window)}
 
 
 def _wav2vec2(m, s: ExportShapes) -> Call:
-    from mmgt.audio import wav2vec2_features
+    from mmgt.speech_encoders import wav2vec2_features
 
     return lambda x: {"hidden_states": wav2vec2_features(m.wav2vec2, x["wave"][0], s.smga_window)}
 

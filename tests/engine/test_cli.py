@@ -41,7 +41,7 @@ def _probe(path: Path):
 @pytest.fixture
 def speech_wav(tmp_path, speech):
     # 44.1 kHz stereo: the CLI must resample and mix it down
-    from mmgt.audio import resample
+    from mmgt.audio_io import resample
 
     clip = resample(speech[: int(16000 * 3.0)], 16000, 44100)
     stereo = np.stack([clip, 0.5 * clip], axis=1).reshape(-1)

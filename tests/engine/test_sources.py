@@ -28,7 +28,7 @@ def _drain(src):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# FileSource (needs mmgt.audio.load_audio)
+# FileSource (needs mmgt.audio_io.load_audio)
 # ---------------------------------------------------------------------------------------------------------------
 def _write_wav(path, samples, rate):
     pcm = np.round(np.clip(samples, -1, 1) * 32767).astype("<i2")
@@ -40,7 +40,7 @@ def _write_wav(path, samples, rate):
 
 
 def test_file_source_chunks_cover_the_file(tmp_path):
-    pytest.importorskip("mmgt.audio")
+    pytest.importorskip("mmgt.audio_io")
     x = _sine(SR, 0.5)
     path = tmp_path / "speech.wav"
     _write_wav(path, x, SR)
@@ -53,7 +53,7 @@ def test_file_source_chunks_cover_the_file(tmp_path):
 
 
 def test_file_source_resamples_and_paces_in_realtime(tmp_path):
-    pytest.importorskip("mmgt.audio")
+    pytest.importorskip("mmgt.audio_io")
     path = tmp_path / "hi.wav"
     _write_wav(path, _sine(44100, 0.3), 44100)
     src = FileSource(path, chunk_ms=100, realtime=True)
@@ -67,7 +67,7 @@ def test_file_source_resamples_and_paces_in_realtime(tmp_path):
 
 
 def test_file_source_missing_file_is_an_audio_error(tmp_path):
-    audio = pytest.importorskip("mmgt.audio")
+    audio = pytest.importorskip("mmgt.audio_io")
     with pytest.raises(audio.AudioError, match="nope.wav"):
         FileSource(tmp_path / "nope.wav")
 

@@ -1,35 +1,36 @@
-"""Audio paths of both MMGT stages: decoding, SMGA's audio condition, and Stage II's audio tokens.
+"""The speech encoders of both MMGT stages: WavLM (Stage I) and wav2vec2 (Stage II), as transformers models.
+
+Owns their config conversion and ``build_*`` / ``load_*`` (incl. unilm's WavLM-Large.pt, renamed with the
+``WAVLM_UNILM_TO_HF`` / ``WAVLM_HF_TO_UNILM`` tables), the 25 fps feature paths and their tensor math
+(``wavlm_features`` / ``wavlm_hidden``, ``wav2vec2_features`` / ``wav2vec2_hidden``: also what ``engine export``
+traces) and ``smga_condition`` (WavLM features ++ librosa features, SMGA's audio condition):
 
 Stage I (SMGA) condition, per 25 fps frame (``MMGT_SPEC.md`` section 2):
     WavLM last hidden state (50 fps, linearly resampled to 25 fps)  ++  35 librosa features (sr 12800, hop 512)
 
-Stage II audio tokens (section 4, Hallo's recipe):
+Stage II (section 4, Hallo's recipe):
     wav2vec2 CNN features -> interpolated to 25 fps BEFORE the transformer -> all hidden states (T, L, C)
-    -> +-2 frame windows (T, 5, L, C) -> AudioProjModel -> 32 tokens of 768 per frame
 
-Everything takes 16 kHz float32 mono waveforms (``load_audio`` / ``resample`` / ``to_mono`` make them).
-PyAV, librosa and transformers are imported inside the functions that need them, so importing this module
-(for ``AudioProjModel``) stays cheap.
+The feature paths keep nothing on the model between calls (no hooks, no buffers): any number of threads may call
+them on one shared model. Everything takes 16 kHz float32 mono waveforms (``mmgt.audio_io`` makes them);
+transformers and librosa are imported inside the functions that need them.
 """
 from __future__ import annotations
 
 import ast
-import copy
 import json
 import logging
 import re
-import threading
-import warnings
-from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmgt.config import AUDIO_SAMPLE_RATE, FPS, LIBROSA_DIM, AudioProjConfig, Wav2Vec2Config, WavLMConfig
+from mmgt.acoustic import librosa_features
+from mmgt.audio_io import PathLike, Waveform, _as_numpy_wave, _check_frames
+from mmgt.config import Wav2Vec2Config, WavLMConfig
 from mmgt.seeding import seeded
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
@@ -37,126 +38,13 @@ if TYPE_CHECKING:  # heavy imports only for type checkers
 
 logger = logging.getLogger(__name__)
 
-Waveform = Union[np.ndarray, torch.Tensor]
-PathLike = Union[str, Path]
-
-LIBROSA_SAMPLE_RATE = 12_800  # 12800 / 512 = 25 fps exactly
-LIBROSA_HOP = 512
-TEMPO_SAMPLE_RATE = 22_050  # the reference estimates the starting tempo on librosa.load's default rate
 WAV2VEC2_NORM_EPS = 1e-7  # Wav2Vec2FeatureExtractor zero-mean-unit-variance epsilon
 WAVLM_NORM_EPS = 1e-5  # unilm: F.layer_norm(wav, wav.shape) when cfg.normalize (WavLM-Large: True)
 
 
-class AudioError(ValueError):
-    """An audio input that cannot be used; the message names the file or input and the problem."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Decoding and resampling
+# Waveform -> encoder input, encoder frames -> the 25 fps clock
 # ----------------------------------------------------------------------------------------------------------------
-
-def to_mono(x: Waveform, axis: int = 0) -> np.ndarray:
-    """Mix a waveform down to float32 mono by averaging channels (as librosa.load does).
-
-    ``x`` is 1-D (already mono) or 2-D with channels on ``axis`` (0: channels-first like PyAV/librosa; use
-    ``axis=1`` for sounddevice's (frames, channels)). Integer PCM is scaled to [-1, 1].
-    """
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.ndim not in (1, 2):
-        raise AudioError(f"to_mono: expected a 1-D or 2-D waveform, got shape {x.shape}")
-    if np.issubdtype(x.dtype, np.integer):
-        half = 2.0 ** (np.iinfo(x.dtype).bits - 1)  # 32768 for int16
-        # unsigned PCM (uint8) is centred on its midpoint
-        offset = 0.0 if np.issubdtype(x.dtype, np.signedinteger) else half
-        x = (x.astype(np.float64) - offset) / half
-    if x.ndim == 2:
-        x = x.mean(axis=axis)
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def resample(wav: Waveform, src_rate: int, dst_rate: int) -> np.ndarray:
-    """Resample an in-memory waveform (last axis is time) with soxr (librosa's default, as the reference).
-
-    Output length is ceil(n * dst_rate / src_rate). Used for live chunks; files go through ``load_audio``.
-    """
-    import librosa
-
-    if src_rate <= 0 or dst_rate <= 0:
-        raise AudioError(f"resample: sample rates must be positive, got {src_rate} -> {dst_rate}")
-    if isinstance(wav, torch.Tensor):
-        wav = wav.detach().cpu().numpy()
-    wav = np.asarray(wav, dtype=np.float32)
-    if src_rate == dst_rate:
-        return wav.copy()
-    if wav.shape[-1] == 0:
-        return np.zeros(wav.shape[:-1] + (0,), dtype=np.float32)
-    return librosa.resample(wav, orig_sr=src_rate, target_sr=dst_rate, res_type="soxr_hq").astype(np.float32)
-
-
-def load_audio(path: PathLike, sample_rate: int = AUDIO_SAMPLE_RATE) -> np.ndarray:
-    """Decode the first audio stream of any file PyAV reads -> float32 mono in [-1, 1] at ``sample_rate``.
-
-    Works for wav, mp3, flac, m4a, the audio of an mp4, ... at any rate and channel count: PyAV's resampler
-    changes the rate (keeping the channels), then channels are averaged (librosa.load's mixdown).
-    Raises AudioError for a missing file, an unreadable file, no audio stream, or 0 samples.
-    """
-    import av
-
-    path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: no such audio file")
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError) as exc:
-        raise AudioError(f"{path}: not a readable audio/video file ({exc})") from exc
-
-    with container:
-        if not container.streams.audio:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise AudioError(f"{path}: no audio stream (streams found: {', '.join(kinds)})")
-        stream = container.streams.audio[0]
-        # planar float keeps every channel apart, so the mixdown below is a plain mean
-        resampler = av.AudioResampler(format="fltp", layout=None, rate=sample_rate)
-        chunks: List[np.ndarray] = []
-        try:
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray())  # (C, n)
-            for out in resampler.resample(None):  # flush the resampler's delay line
-                chunks.append(out.to_ndarray())
-        except av.FFmpegError as exc:
-            raise AudioError(f"{path}: decoding the audio stream failed ({exc})") from exc
-
-    chunks = [c for c in chunks if c.shape[-1] > 0]
-    if not chunks:
-        raise AudioError(f"{path}: the audio stream has no samples (0-length audio)")
-    wav = to_mono(np.concatenate(chunks, axis=1), axis=0)  # (n,)
-    # lossy decoders (aac, mp3) overshoot full scale slightly
-    np.clip(wav, -1.0, 1.0, out=wav)
-    logger.debug("loaded %s: %d samples at %d Hz", path, wav.shape[0], sample_rate)
-    return wav
-
-
-def _as_numpy_wave(wav: Waveform, what: str) -> np.ndarray:
-    """1-D finite float32 numpy waveform, or an AudioError naming ``what``."""
-    if isinstance(wav, torch.Tensor):
-        wav = wav.detach().float().cpu().numpy()
-    wav = np.asarray(wav, dtype=np.float32)
-    if wav.ndim != 1:
-        raise AudioError(f"{what}: expected a 1-D mono waveform, got shape {wav.shape} (use to_mono)")
-    if wav.shape[0] == 0:
-        raise AudioError(f"{what}: empty waveform")
-    if not np.isfinite(wav).all():
-        raise AudioError(f"{what}: waveform contains NaN or Inf")
-    return wav
-
-
-def _check_frames(n_frames: int, what: str) -> None:
-    if int(n_frames) != n_frames or n_frames < 1:
-        raise AudioError(f"{what}: n_frames must be a positive integer, got {n_frames!r}")
-
 
 def _model_wave(wav: Waveform, model: nn.Module, what: str) -> torch.Tensor:
     """(1, L) float32 tensor on the model's device."""
@@ -179,219 +67,6 @@ def _resample_frames(feats: torch.Tensor, n_frames: int) -> torch.Tensor:
     """(1, N, C) -> (1, n_frames, C): linear interpolation over time with align_corners=True (the reference)."""
     out = F.interpolate(feats.transpose(1, 2), size=int(n_frames), mode="linear", align_corners=True)  # (1, C, T)
     return out.transpose(1, 2)  # (1, T, C)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stage I: in-process memo of librosa's constant-Q filter basis
-# ----------------------------------------------------------------------------------------------------------------
-# chroma_cens -> chroma_cqt -> cqt -> vqt rebuilds its filter basis (librosa.core.constantq.__vqt_filter_fft) once
-# per octave (7) on every call: over half of librosa_features' time. The basis depends on the settings and on the
-# tuning that chroma_cqt estimates from each window, which librosa quantises to 0.01 bins (101 values), so the
-# whole set this module can ask for is 7 * 101 small bases (~7 KB each with its key, ~5 MB in all). vqt looks the
-# function up as a module global at call time, so replacing that global puts the memo in front of every caller.
-
-_VQT_BASIS_FN = "__vqt_filter_fft"  # librosa 0.10 / 0.11: returns (csr fft_basis, n_fft, lengths)
-_VQT_MEMO_MAX_BYTES = 16 * 2**20  # holds all 707 of our bases (~5 MB) with room for other cqt users
-_MEMO_ENTRY_OVERHEAD = 256  # bytes counted per entry on top of its buffers (objects, dict slot)
-
-
-class _Unkeyable(TypeError):
-    """An argument the memo cannot key exactly (unhashable, object array): that call goes straight to librosa."""
-
-
-def _memo_key(value):
-    """Exact, hashable key: arrays by dtype + shape + bytes, containers recursively, the rest by (type, value)."""
-    if isinstance(value, np.ndarray):
-        if value.dtype.hasobject:
-            raise _Unkeyable("object array")
-        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_memo_key(v) for v in value))
-    try:
-        hash(value)
-    except TypeError as e:
-        raise _Unkeyable(str(e)) from None
-    return (type(value), value)  # the type keeps 12800 and 12800.0 apart
-
-
-def _memo_nbytes(value) -> int:
-    """Buffer bytes of a key or a result: arrays, sparse-matrix arrays, bytes, through containers; 0 for scalars."""
-    if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, bytes):
-        return len(value)
-    if isinstance(value, (tuple, list)):
-        return sum(_memo_nbytes(v) for v in value)
-    parts = [getattr(value, name, None) for name in ("data", "indices", "indptr")]  # scipy.sparse csr/csc
-    if all(isinstance(p, np.ndarray) for p in parts):
-        return sum(p.nbytes for p in parts)
-    return 0
-
-
-def _memo_copy(value):
-    """A private copy of a cached result: vqt scales the basis in place (``fft_basis[:] *= ...``)."""
-    import scipy.sparse
-
-    if isinstance(value, tuple):
-        return tuple(_memo_copy(v) for v in value)
-    if isinstance(value, np.ndarray) or scipy.sparse.issparse(value):
-        return value.copy()  # ndarray / sparse .copy() duplicate the buffers, values bit for bit
-    if isinstance(value, (int, float, complex, str, bytes, type(None), np.generic)):
-        return value  # immutable
-    return copy.deepcopy(value)
-
-
-class _FilterBasisMemo:
-    """Thread-safe LRU memo, bounded in bytes, in front of librosa's filter-basis function.
-
-    Every call returns a fresh copy of the cached result, so callers may mutate it. On a miss the basis is built
-    outside the lock (two threads missing the same key both build it, with equal values; no one waits on another).
-    ``hits`` / ``misses`` count memo answers and calls into librosa (``bypassed``: arguments that cannot be keyed).
-    """
-
-    _mmgt_vqt_memo = True  # marks an installed memo, also one made by an earlier copy of this module (reload)
-
-    def __init__(self, fn, max_bytes: int = _VQT_MEMO_MAX_BYTES):
-        self.fn = fn
-        self.max_bytes = int(max_bytes)
-        self.hits = self.misses = self.bypassed = 0
-        self._entries: "OrderedDict[tuple, Tuple[object, int]]" = OrderedDict()  # key -> (result, nbytes)
-        self._nbytes = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, *args, **kwargs):
-        try:
-            key = _memo_key((args, tuple(sorted(kwargs.items()))))
-        except _Unkeyable:
-            with self._lock:
-                self.bypassed += 1
-            return self.fn(*args, **kwargs)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-        if entry is not None:
-            return _memo_copy(entry[0])
-
-        result = self.fn(*args, **kwargs)
-        size = _MEMO_ENTRY_OVERHEAD + _memo_nbytes(key) + _memo_nbytes(result)
-        with self._lock:
-            self.misses += 1
-            if size <= self.max_bytes:
-                old = self._entries.pop(key, None)
-                self._nbytes += size - (old[1] if old is not None else 0)
-                self._entries[key] = (result, size)
-                while self._nbytes > self.max_bytes:  # drop least recently used
-                    _, (_, dropped) = self._entries.popitem(last=False)
-                    self._nbytes -= dropped
-        return _memo_copy(result)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-_VQT_MEMO: Optional[_FilterBasisMemo] = None
-_VQT_MEMO_STATE = "unset"  # "unset" -> "installed" | "unavailable"; "disabled" while a test turns it off
-_VQT_MEMO_LOCK = threading.Lock()
-
-
-def _vqt_basis_memo() -> Optional[_FilterBasisMemo]:
-    """Install the memo in librosa once (idempotent; librosa must be importable) and return it, or None.
-
-    Called by librosa_features, never at import of this module. A librosa without the function gets one debug
-    line and plain librosa.
-    """
-    global _VQT_MEMO, _VQT_MEMO_STATE
-    if _VQT_MEMO_STATE != "unset":  # fast path, no lock
-        return _VQT_MEMO
-    with _VQT_MEMO_LOCK:
-        if _VQT_MEMO_STATE != "unset":
-            return _VQT_MEMO
-        from librosa.core import constantq
-
-        fn = getattr(constantq, _VQT_BASIS_FN, None)
-        if getattr(fn, "_mmgt_vqt_memo", False):  # already in place: never wrap a memo in a memo
-            _VQT_MEMO, _VQT_MEMO_STATE = fn, "installed"
-        elif callable(fn):
-            _VQT_MEMO = _FilterBasisMemo(fn)
-            setattr(constantq, _VQT_BASIS_FN, _VQT_MEMO)
-            _VQT_MEMO_STATE = "installed"
-        else:
-            import librosa
-
-            logger.debug("librosa %s has no librosa.core.constantq.%s: CQT filter bases are not memoised",
-                         getattr(librosa, "__version__", "?"), _VQT_BASIS_FN)
-            _VQT_MEMO_STATE = "unavailable"
-        return _VQT_MEMO
-
-
-def _set_vqt_basis_memo(enabled: bool) -> None:
-    """Tests only: False puts librosa's own function back and keeps the memo out; True lets the next
-    librosa_features call install a fresh, empty memo."""
-    global _VQT_MEMO, _VQT_MEMO_STATE
-    with _VQT_MEMO_LOCK:
-        if _VQT_MEMO is not None:
-            from librosa.core import constantq
-
-            if getattr(constantq, _VQT_BASIS_FN, None) is _VQT_MEMO:
-                setattr(constantq, _VQT_BASIS_FN, _VQT_MEMO.fn)
-        _VQT_MEMO = None
-        _VQT_MEMO_STATE = "unset" if enabled else "disabled"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stage I: librosa features (EDGE's extract_baseline_features at 25 fps)
-# ----------------------------------------------------------------------------------------------------------------
-
-def librosa_features(wav16k: Waveform, n_frames: int, sample_rate: int = AUDIO_SAMPLE_RATE) -> np.ndarray:
-    """35 hand-made features per 25 fps frame -> (n_frames, 35) float32.
-
-    Columns: onset envelope (0), MFCC 1-20 (1-20), chroma_cens (21-32), onset-peak one-hot (33), beat one-hot (34).
-    EDGE's recipe at sr 12800 / hop 512; the starting tempo of the beat tracker is estimated on 22.05 kHz audio
-    as the reference does (``lr.beat.tempo(y=lr.load(f)[0])``). Trimmed to n_frames; a short clip is padded by
-    repeating the last frame, with the one-hot columns padded by zeros.
-    """
-    import librosa
-
-    _vqt_basis_memo()  # chroma_cens' CQT filter bases are built once per process, not per call
-    wav = _as_numpy_wave(wav16k, "librosa_features")
-    _check_frames(n_frames, "librosa_features")
-    y = resample(wav, sample_rate, LIBROSA_SAMPLE_RATE)  # (n * 0.8,) at 16 kHz in
-    sr, hop = LIBROSA_SAMPLE_RATE, LIBROSA_HOP
-
-    # 1. continuous features, EDGE's calls with librosa defaults (n_fft 2048, hop 512)
-    envelope = librosa.onset.onset_strength(y=y, sr=sr)  # (N,)
-    mfcc = librosa.feature.mfcc(y=y, sr=sr, n_mfcc=20).T  # (N, 20)
-    with warnings.catch_warnings():
-        # chroma_cens' CQT works on octave-decimated copies; on short windows librosa warns that its
-        # FFT exceeds them, which is expected and harmless here
-        warnings.filterwarnings("ignore", message=r"n_fft=\d+ is too large")
-        chroma = librosa.feature.chroma_cens(y=y, sr=sr, hop_length=hop, n_chroma=12).T  # (N, 12)
-
-    # 2. onset peaks as a one-hot column
-    peak_idxs = librosa.onset.onset_detect(onset_envelope=envelope.flatten(), sr=sr, hop_length=hop)
-    peak_onehot = np.zeros_like(envelope, dtype=np.float32)
-    peak_onehot[peak_idxs] = 1.0  # (N,)
-
-    # 3. beats as a one-hot column; the tracker starts from a tempo estimated on 22.05 kHz audio
-    y22 = resample(wav, sample_rate, TEMPO_SAMPLE_RATE)
-    start_bpm = float(np.atleast_1d(librosa.feature.tempo(y=y22, sr=TEMPO_SAMPLE_RATE))[0])
-    _, beat_idxs = librosa.beat.beat_track(onset_envelope=envelope, sr=sr, hop_length=hop,
-                                           start_bpm=start_bpm, tightness=100)
-    beat_onehot = np.zeros_like(envelope, dtype=np.float32)
-    beat_onehot[np.asarray(beat_idxs, dtype=np.int64)] = 1.0  # (N,)
-
-    feats = np.concatenate([envelope[:, None], mfcc, chroma, peak_onehot[:, None], beat_onehot[:, None]],
-                           axis=-1).astype(np.float32)  # (N, 35)
-    assert feats.shape[1] == LIBROSA_DIM
-
-    # 4. exactly n_frames rows (center=True framing gives 1 + len // 512, usually one more than needed)
-    if feats.shape[0] >= n_frames:
-        return np.ascontiguousarray(feats[:n_frames])
-    pad = np.repeat(feats[-1:], n_frames - feats.shape[0], axis=0)  # (n_frames - N, 35)
-    pad[:, 33:] = 0.0  # a repeated onset/beat would invent events
-    return np.concatenate([feats, pad], axis=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -753,7 +428,8 @@ def wav2vec2_features(model: "Wav2Vec2Model", wav16k: Waveform, n_frames: int,
     Hallo's Wav2VecModel recipe: zero-mean-unit-variance input (Wav2Vec2FeatureExtractor, when
     ``normalize``/model.config.normalize_input), CNN features -> linear interpolation (align_corners=True) to
     n_frames BEFORE the transformer -> feature projection -> encoder; the outputs of every layer are stacked
-    (hidden_states[1:] of transformers).
+    (hidden_states[1:] of transformers; a pre-norm encoder's last one after its final LayerNorm, see
+    ``_encoder_layer_outputs``).
     """
     _check_frames(n_frames, "wav2vec2_features")
     x = _model_wave(wav16k, model, "wav2vec2_features")  # (1, L)
@@ -774,78 +450,42 @@ def wav2vec2_hidden(model: "Wav2Vec2Model", x: torch.Tensor, n_frames: int, norm
     feats = model.feature_extractor(x.to(dtype))  # (1, C, N)
     feats = _resample_frames(feats.transpose(1, 2), n_frames)  # (1, T, C)
 
-    # 2. projection and transformer; forward hooks collect every layer's output (version-proof, no output flags)
+    # 2. projection and transformer, every layer's output kept
     hidden, _ = model.feature_projection(feats)  # (1, T, H)
-    outputs: List[torch.Tensor] = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, out: outputs.append(out[0] if isinstance(out, tuple) else out))
-             for layer in model.encoder.layers]
-    try:
-        last = model.encoder(hidden).last_hidden_state  # (1, T, H)
-    finally:
-        for h in hooks:
-            h.remove()
-    if len(outputs) != len(model.encoder.layers):
-        raise RuntimeError(f"wav2vec2_features: captured {len(outputs)} layer outputs, "
-                           f"expected {len(model.encoder.layers)}")
-    # a pre-norm encoder's last hidden state carries the final LayerNorm (transformers' hidden_states[-1] too)
-    outputs[-1] = last
+    outputs = _encoder_layer_outputs(model.encoder, hidden, pre_norm=bool(model.config.do_stable_layer_norm))
     return torch.stack(outputs, dim=2)[0].float()  # (T, L, H)
 
 
-def audio_windows(feats: Union[torch.Tensor, np.ndarray], radius: int = 2) -> Union[torch.Tensor, np.ndarray]:
-    """(T, ...) -> (T, 2 * radius + 1, ...): frame t gets frames t-radius .. t+radius, clamped at the edges."""
-    if feats.shape[0] < 1:
-        raise AudioError("audio_windows: no frames")
-    n = feats.shape[0]
-    idx = np.clip(np.arange(n)[:, None] + np.arange(-radius, radius + 1)[None, :], 0, n - 1)  # (T, 2r+1)
-    if isinstance(feats, torch.Tensor):
-        return feats[torch.from_numpy(idx).to(feats.device)]  # (T, 2r+1, ...)
-    return np.asarray(feats)[idx]
+def _encoder_layer_outputs(encoder: nn.Module, hidden: torch.Tensor, pre_norm: bool) -> List[torch.Tensor]:
+    """Every layer's output of a transformers wav2vec2 encoder: [(1, T, H)] * layers.
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stage II: audio projection (release keys audioproj.proj1/proj2/proj3/norm)
-# ----------------------------------------------------------------------------------------------------------------
-
-class AudioProjModel(nn.Module):
-    """Windowed wav2vec2 states -> ``context_tokens`` tokens per frame (Hallo's AudioProjModel).
-
-    (B, F, seq_len, blocks, channels) -> flatten -> proj1 -> ReLU -> proj2 -> ReLU -> proj3
-    -> (B, F, context_tokens, output_dim) -> LayerNorm.
+    Written out rather than collected with forward hooks: a hook lives on the shared model, so concurrent calls
+    would collect each other's layers. The steps and their order are Wav2Vec2Encoder's (post-norm: + positional conv,
+    LayerNorm, dropout, layers) and Wav2Vec2EncoderStableLayerNorm's (pre-norm: + positional conv, dropout, layers,
+    final LayerNorm), with no padding mask (one unpadded waveform; transformers then passes no mask either) and no
+    LayerDrop (a training-time regulariser). The pre-norm encoder's last output carries the final LayerNorm, as its
+    last_hidden_state and transformers 4.x's hidden_states[-1] do (5.x's hidden_states[-1] is taken before it).
     """
+    # 1. positional convolution (and, post-norm, the LayerNorm) before the layers
+    hidden = hidden + encoder.pos_conv_embed(hidden)  # (1, T, H)
+    if not pre_norm:
+        hidden = encoder.layer_norm(hidden)  # (1, T, H)
+    hidden = encoder.dropout(hidden)
 
-    def __init__(self, cfg: AudioProjConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.input_dim = cfg.seq_len * cfg.blocks * cfg.channels  # 5 * 12 * 768 = 46080 at release size
-        self.proj1 = nn.Linear(self.input_dim, cfg.intermediate_dim)
-        self.proj2 = nn.Linear(cfg.intermediate_dim, cfg.intermediate_dim)
-        self.proj3 = nn.Linear(cfg.intermediate_dim, cfg.context_tokens * cfg.output_dim)
-        self.norm = nn.LayerNorm(cfg.output_dim)
+    # 2. the layers; transformers 4.x layers return a tuple (hidden, attentions), 5.x the tensor
+    outputs: List[torch.Tensor] = []
+    for layer in encoder.layers:
+        out = layer(hidden, attention_mask=None)
+        hidden = out[0] if isinstance(out, tuple) else out  # (1, T, H)
+        outputs.append(hidden)
 
-    def forward(self, audio_embeds: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        expected = (cfg.seq_len, cfg.blocks, cfg.channels)
-        if audio_embeds.dim() != 5 or tuple(audio_embeds.shape[2:]) != expected:
-            raise ValueError(f"AudioProjModel: expected (B, F, {', '.join(map(str, expected))}), "
-                             f"got {tuple(audio_embeds.shape)}")
-        b, f = audio_embeds.shape[:2]
-        x = audio_embeds.reshape(b * f, self.input_dim)  # (B*F, W*L*C)
-        x = torch.relu(self.proj1(x))  # (B*F, I)
-        x = torch.relu(self.proj2(x))  # (B*F, I)
-        tokens = self.proj3(x).reshape(b * f, cfg.context_tokens, cfg.output_dim)  # (B*F, K, D)
-        tokens = self.norm(tokens)  # (B*F, K, D)
-        return tokens.reshape(b, f, cfg.context_tokens, cfg.output_dim)  # (B, F, K, D)
-
-
-def frames_for_samples(n_samples: int, sample_rate: int = AUDIO_SAMPLE_RATE, fps: int = FPS) -> int:
-    """Video frames covered by ``n_samples`` of audio: ceil(n / sr * fps), the reference's seq_len."""
-    return -(-int(n_samples) * fps // sample_rate)  # integer ceil: no float rounding at exact multiples
+    # 3. the pre-norm encoder's final LayerNorm ends its last hidden state
+    if pre_norm:
+        outputs[-1] = encoder.layer_norm(outputs[-1])  # (1, T, H)
+    return outputs
 
 
 __all__ = [
-    "AudioError", "load_audio", "resample", "to_mono", "librosa_features", "WAVLM_UNILM_TO_HF",
-    "WAVLM_HF_TO_UNILM", "remap_state_dict", "build_wavlm", "load_wavlm", "wavlm_features", "smga_condition",
-    "build_wav2vec2", "load_wav2vec2", "wav2vec2_features", "audio_windows", "AudioProjModel",
-    "frames_for_samples", "LIBROSA_SAMPLE_RATE", "LIBROSA_HOP",
+    "WAVLM_UNILM_TO_HF", "WAVLM_HF_TO_UNILM", "remap_state_dict", "build_wavlm", "load_wavlm", "wavlm_features",
+    "wavlm_hidden", "smga_condition", "build_wav2vec2", "load_wav2vec2", "wav2vec2_features", "wav2vec2_hidden",
 ]
