@@ -1,14 +1,15 @@
 """The objects that cross stage boundaries (DESIGN.md, "Data, as it flows").
 
 audio source -> AudioChunk -> (scheduler: Window) -> Stage I -> PoseWindow -> Stage II -> FrameBatch -> FrameSink.
-Everything here is numpy (no torch) so sources, sinks and the streaming layer never import a deep-learning stack.
+Everything here is numpy or duck-typed (no torch import) so sources, sinks and the streaming layer never import a
+deep-learning stack; the device tensors a PoseWindow carries between the stages are typed by their role only.
 The dataclasses are frozen; the arrays inside are the caller's and are not copied, so do not mutate them after
 handing them on. ``eq=False`` because element-wise array equality has no single truth value.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Optional, Protocol, Tuple, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 
@@ -68,9 +69,10 @@ class PoseWindow:
     n_frames: int  # F: frames emitted by this window
     keypoints: np.ndarray  # (F, 134, 3) float32 pixel keypoints on the 512 canvas
     pose_frames: np.ndarray  # (F, H, W, 3) uint8 RGB skeleton drawings at render resolution
-    masks: Dict[str, Tuple[np.ndarray, ...]] = field(default_factory=dict)  # {"full", "face", "lip"}: per level
-    # (F, h*w) float32 in [0, 1] (mmgt.motion_masks)
-    audio_tokens: Optional[np.ndarray] = None  # (F, T, D) float32 MM-HAA audio tokens of these frames
+    masks: Tuple[np.ndarray, ...] = ()  # per level the UNet reads: (F, 3, h*w) float32 in [0, 1], full/face/lip on
+    # axis 1 (mmgt.motion_masks' one layout)
+    audio_tokens: Any = None  # (F, T, D) MM-HAA audio tokens of these frames, a tensor on the model's device
+    ready: Any = None  # GPU: a CUDA event on Stage I's stream after which audio_tokens exist (None on a CPU)
 
     def __post_init__(self) -> None:
         kp = _check_array("PoseWindow", "keypoints", self.keypoints, np.float32, 3)
@@ -79,12 +81,11 @@ class PoseWindow:
         pf = _check_array("PoseWindow", "pose_frames", self.pose_frames, np.uint8, 4)
         if pf.shape[0] != self.n_frames or pf.shape[3] != 3:
             raise ValueError(f"PoseWindow.pose_frames must be ({self.n_frames}, H, W, 3), got {pf.shape}")
-        for name, levels in self.masks.items():
-            for m in levels:
-                if not isinstance(m, np.ndarray) or not np.issubdtype(m.dtype, np.floating):
-                    raise TypeError(f"PoseWindow.masks[{name!r}] levels must be float numpy arrays")
-                if m.shape[0] != self.n_frames:
-                    raise ValueError(f"PoseWindow.masks[{name!r}] must have {self.n_frames} frames, got {m.shape}")
+        for level, m in enumerate(self.masks):
+            if not isinstance(m, np.ndarray) or not np.issubdtype(m.dtype, np.floating):
+                raise TypeError(f"PoseWindow.masks[{level}] must be a float numpy array")
+            if m.ndim != 3 or m.shape[0] != self.n_frames or m.shape[1] != 3:
+                raise ValueError(f"PoseWindow.masks[{level}] must be ({self.n_frames}, 3, h*w), got {m.shape}")
         if self.audio_tokens is not None and self.audio_tokens.shape[0] != self.n_frames:
             raise ValueError(f"PoseWindow.audio_tokens must have {self.n_frames} frames, "
                              f"got {self.audio_tokens.shape}")

@@ -19,17 +19,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, TextIO
 
-from .manifest import (NETWORKS, ONNX_NAME, PLAN_NAME, ArtifactError, ExportShapes, artifact_dir, atomic_directory,
+from .manifest import (ONNX_NAME, PLAN_NAME, ArtifactError, artifact_dir, atomic_directory,
                        cache_key, config_hash, make_manifest, network_weights, validate_artifact, weights_digest,
                        write_manifest)
 
 log = logging.getLogger(__name__)
 
 FORMAT_CHOICES = {"onnx": ("onnx",), "tensorrt": ("tensorrt",), "all": ("onnx", "tensorrt")}
-MODEL_ATTRS = {"smga_step": ("smga",), "smga_step_guided": ("smga",), "wavlm": ("wavlm",),
-               "wav2vec2": ("wav2vec2",), "audio_proj": ("audioproj",), "pose_guider": ("pose_guider",),
-               "reference_unet": ("reference_unet",), "denoising_unet": ("denoising_unet",),
-               "vae_encoder": ("vae",), "vae_decoder": ("vae",)}
 
 
 class ExportUsageError(ValueError):
@@ -40,7 +36,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``export`` sub-command to an argparse sub-parser set; its ``func`` is ``run_export``."""
     from .onnx import DEFAULT_OPSET
     from .tensorrt import DEFAULT_OPT_LEVEL, DEFAULT_WORKSPACE_GB
-    from .manifest import DEFAULT_CHUNK
+    from mmgt.contract import DEFAULT_CHUNK
+    from mmgt.contracts import NETWORKS
 
     p = subparsers.add_parser(
         "export", help="export every network to ONNX / TensorRT (cached artifacts)",
@@ -68,6 +65,9 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     shapes.add_argument("--guidance", type=float,
                         help="Stage II CFG scale the engine runs with (!= 1 doubles the denoiser batch); "
                              "default: the preset's sampler setting")
+    shapes.add_argument("--smga-guidance", type=float,
+                        help="Stage I (SMGA) guidance the engine runs with (!= 1: the null-condition row is part of "
+                             "the SMGA graphs); default: the preset's")
     tune = p.add_argument_group("export settings")
     tune.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 17)")
     tune.add_argument("--skip-parity", action="store_true", help="skip the onnxruntime/TensorRT parity run")
@@ -102,16 +102,26 @@ def _random_models(cfg, networks: Sequence[str]) -> SimpleNamespace:
     """Only the modules the asked networks need, each from its own seed (release-size graphs on a CPU)."""
     import torch
 
-    from mmgt import pipeline as P
     from mmgt.speech_encoders import build_wav2vec2, build_wavlm
     from mmgt.smga import build_smga
     from mmgt.vae import build_vae
 
-    stage2 = P.stage2_builders(cfg)
+    from mmgt.contract import Shapes
+    from mmgt.contracts import network_contracts
+    from mmgt.image_encoder import build_clip
+    from mmgt.weights import stage2_builders
+
+    stage2 = stage2_builders(cfg)
     builders = {"smga": lambda s: build_smga(cfg.smga, seed=s), "wavlm": lambda s: build_wavlm(cfg.wavlm, seed=s),
-                "wav2vec2": lambda s: build_wav2vec2(cfg.wav2vec2, seed=s), "vae": lambda s: build_vae(cfg.vae, seed=s)}
+                "wav2vec2": lambda s: build_wav2vec2(cfg.wav2vec2, seed=s), "vae": lambda s: build_vae(cfg.vae, seed=s),
+                "clip": lambda s: build_clip(cfg.clip, seed=s)}
+    contracts = network_contracts(cfg, Shapes.from_config(cfg))
+    # the modules holding each asked network's weights (the frame decoder of a model set without a light one is the
+    # VAE's)
+    needed = {path.split(".")[0] for n in networks for path in contracts[n].weights}
+    needed = {"vae" if attr == "frame_decoder" else attr for attr in needed}
     attrs = {}
-    for i, attr in enumerate(sorted({a for n in networks for a in MODEL_ATTRS[n]})):
+    for i, attr in enumerate(sorted(needed)):
         if attr in builders:
             attrs[attr] = builders[attr](cfg.seed + i)
         else:
@@ -119,10 +129,10 @@ def _random_models(cfg, networks: Sequence[str]) -> SimpleNamespace:
                 torch.manual_seed(cfg.seed + i)
                 attrs[attr] = stage2[attr]().eval()
         log.info("built %s with random weights", attr)
-    return SimpleNamespace(cfg=cfg, **attrs)
+    return SimpleNamespace(cfg=cfg, frame_decoder=attrs.get("vae"), **attrs)
 
 
-def key_fields(spec, cfg, shapes: ExportShapes, digest: str, fmt: str, precision: str, opset: int,
+def key_fields(spec, cfg, shapes, digest: str, fmt: str, precision: str, opset: int,
                trt: Optional[Dict[str, Any]] = None, source_precision: Optional[str] = None) -> Dict[str, Any]:
     """Everything that changes the artifact (and nothing else): its hash is the cache key."""
     fields = {"network": spec.name, "contract_version": spec.version, "format": fmt, "precision": precision,
@@ -150,7 +160,7 @@ def _build(spec, models, directory: Path, fields: Dict[str, Any], args, fmt: str
     info: Dict[str, Any] = {"description": spec.description, "inputs": list(spec.input_names),
                             "outputs": list(spec.output_names), "config": models.cfg.name,
                             "trained": bool(models.cfg.trained), "versions": _versions()}
-    mods = network_weights(models, spec.name)
+    mods = network_weights(models, spec)
     info["weights_digests"] = {dt: weights_digest(mods, dt) for dt in ("float32", "float16", "bfloat16")}
     onnx_info = export_onnx(spec, models, directory, precision=source_precision, opset=args.opset,
                             parity=not args.skip_parity, provider=args.provider)
@@ -166,7 +176,7 @@ def _build(spec, models, directory: Path, fields: Dict[str, Any], args, fmt: str
         files.append(PLAN_NAME)
         if not args.skip_parity:
             info["onnx_parity"] = info["parity"]
-            info["parity"] = check_plan_parity(spec, directory / PLAN_NAME, spec.factory(models).eval(), precision)
+            info["parity"] = check_plan_parity(spec, directory / PLAN_NAME, spec.module(models).eval(), precision)
             if not info["parity"]["passed"]:
                 from .onnx import ExportError
 
@@ -223,8 +233,10 @@ def run_export(args, out: Optional[TextIO] = None, err: Optional[TextIO] = None)
 
 
 def _run(args, out: TextIO, err: TextIO) -> int:
+    from mmgt.contract import Shapes
+    from mmgt.contracts import NETWORKS, contract_notes, network_contracts
+
     from .onnx import ExportError
-    from .specs import contract_notes, network_specs
     from .tensorrt import source_precision as trt_source_precision
     from .tensorrt import tensorrt_problem, trt_environment
 
@@ -249,10 +261,11 @@ def _run(args, out: TextIO, err: TextIO) -> int:
     t_start = time.perf_counter()
     cfg, models = _load_models(args, requested)
     try:
-        shapes = ExportShapes.from_config(cfg, chunk=args.chunk, guidance=args.guidance, window=args.window)
+        shapes = Shapes.from_config(cfg, chunk=args.chunk, guidance=args.guidance, window=args.window,
+                                    smga_guidance=args.smga_guidance)
     except ValueError as e:
         raise ExportUsageError(str(e)) from None
-    specs = network_specs(cfg, shapes)
+    specs = network_contracts(cfg, shapes)
     notes = contract_notes(cfg, shapes)
     for name in requested:
         if name in notes:
@@ -262,13 +275,14 @@ def _run(args, out: TextIO, err: TextIO) -> int:
     todo = [specs[n] for n in requested if n in specs]
     precision_req = "fp16" if args.fp16 else "fp32"
     print(f"engine export: {cfg.name} -> {args.out} ({args.format}, {precision_req}, chunk {shapes.chunk}, "
-          f"window {shapes.smga_window}, denoiser batch {shapes.unet_batch})", file=out)
+          f"window {shapes.smga_window}, denoiser batch {shapes.unet_batch}, SMGA batch {shapes.smga_batch})",
+          file=out)
 
     # 3. each network x format: cached, built, refused or failed
     rows: List[Dict[str, Any]] = []
     total = len(todo) * len(formats)
     for spec in todo:
-        digest = weights_digest(network_weights(models, spec.name))
+        digest = weights_digest(network_weights(models, spec))
         for fmt in formats:
             t0 = time.perf_counter()
             precision = spec.precision(precision_req)

@@ -14,8 +14,9 @@ differ in size or sha256 from what the manifest lists is invalid: export rebuild
 ``--no-build``), the engine refuses it. Nothing is used on trust.
 
 This module is the one piece of ``export`` that the engine imports (DESIGN.md), so it holds everything both sides
-share -- the tensor naming rules, ``ExportShapes``, config and weight digests, manifest reading and validation --
-and no heavy import at module level (torch is imported inside the one function that needs it).
+share about artifacts -- config and weight digests, manifest reading and validation, finding an artifact -- and no
+heavy import at module level (torch is imported inside the one function that needs it). What a network's tensors
+are called and shaped is its contract's (mmgt/contracts.py), read from there by both sides.
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ import shutil
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from mmgt.contract import Contract, resolve_attr
 
 log = logging.getLogger(__name__)
 
@@ -41,42 +43,6 @@ ONNX_DATA_NAME = "model.onnx.data"  # external weights, one file, beside model.o
 PLAN_NAME = "model.plan"
 FORMATS = ("onnx", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
-DEFAULT_CHUNK = 16  # Stage II frames per render chunk (the engine's and MMGTPipeline's default)
-SAMPLES_PER_FRAME = 640  # 16 kHz audio / 25 fps
-
-# Every exported network, in export order (small and independent first).
-NETWORKS = ("smga_step", "smga_step_guided", "wavlm", "wav2vec2", "audio_proj", "pose_guider", "reference_unet",
-            "denoising_unet", "vae_encoder", "vae_decoder")
-# The networks of Stage II that a backend replaces in a ModelSet (engine.backends.apply_backend).
-STAGE2_NETWORKS = ("audio_proj", "pose_guider", "reference_unet", "denoising_unet", "vae_decoder")
-BRANCHES = ("full", "face", "lip")  # MM-HAA mask branches, in the order of mmgt.mmhaa.BRANCHES
-
-# Where each network's weights live in a ModelSet (attribute paths): the weights digest covers exactly these.
-WEIGHT_SOURCES: Mapping[str, Tuple[str, ...]] = {
-    "smga_step": ("smga",),
-    "smga_step_guided": ("smga",),
-    "wavlm": ("wavlm",),
-    "wav2vec2": ("wav2vec2",),
-    "audio_proj": ("audioproj",),
-    "pose_guider": ("pose_guider",),
-    "reference_unet": ("reference_unet",),
-    "denoising_unet": ("denoising_unet",),
-    "vae_encoder": ("vae.encoder", "vae.quant_conv"),
-    "vae_decoder": ("vae.decoder", "vae.post_quant_conv"),
-}
-# MMGTConfig sections each network is built from (the config hash covers exactly these).
-CONFIG_SECTIONS: Mapping[str, Tuple[str, ...]] = {
-    "smga_step": ("smga",),
-    "smga_step_guided": ("smga",),
-    "wavlm": ("wavlm",),
-    "wav2vec2": ("wav2vec2",),
-    "audio_proj": ("audio_proj",),
-    "pose_guider": ("pose_guider",),
-    "reference_unet": ("unet",),
-    "denoising_unet": ("unet",),
-    "vae_encoder": ("vae",),
-    "vae_decoder": ("vae",),
-}
 # Config fields that are run-time choices, not part of a network: changing them must not invalidate an artifact.
 RUNTIME_CONFIG_FIELDS: Mapping[str, Tuple[str, ...]] = {
     "smga": ("dropout", "diffusion_steps", "cosine_s", "sample_steps", "eta", "guidance"),
@@ -85,76 +51,6 @@ RUNTIME_CONFIG_FIELDS: Mapping[str, Tuple[str, ...]] = {
 
 class ArtifactError(ValueError):
     """An artifact is missing, partial, edited or does not match the model/settings that want to use it."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tensor names shared by the export contracts and the engine adapters
-# ----------------------------------------------------------------------------------------------------------------
-def bank_name(index: int) -> str:
-    """Name of ReferenceNet bank entry ``index`` (output of reference_unet, input of denoising_unet)."""
-    return f"bank_{index:02d}"
-
-
-def mask_name(branch: str, level: int) -> str:
-    """Name of the MM-HAA mask of ``branch`` (full/face/lip) at mask level ``level``."""
-    if branch not in BRANCHES:
-        raise ValueError(f"export.manifest: unknown mask branch {branch!r}; known: {', '.join(BRANCHES)}")
-    return f"mask_{branch}_{level}"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Static shapes of an export (from the model config and the engine's window/chunk settings)
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ExportShapes:
-    """Every size an exported network is fixed to. Engines have static shapes: the runner pads to them."""
-
-    resolution: int  # frame side R in pixels
-    latent: int  # latent side h = w = R / 8
-    chunk: int  # Stage II frames per render chunk C (<= motion_max_frames)
-    unet_batch: int  # denoiser batch: 1, or 2 with classifier-free guidance (row 0 = unconditional)
-    smga_window: int  # SMGA window W in frames (also the audio encoders' frame count)
-    audio_frames_max: int  # most frames one audio-projection call takes (TensorRT profile max)
-    decode_frames_max: int  # most frames one VAE-decoder call takes (TensorRT profile max)
-
-    @property
-    def uncond_rows(self) -> int:  # leading CFG-unconditional samples of the denoiser batch
-        return self.unet_batch - 1
-
-    @property
-    def wave_samples(self) -> int:  # audio encoder input length: W frames of 16 kHz audio
-        return self.smga_window * SAMPLES_PER_FRAME
-
-    @classmethod
-    def from_config(cls, cfg, chunk: int = DEFAULT_CHUNK, guidance: Optional[float] = None,
-                    window: Optional[int] = None, audio_frames_max: Optional[int] = None,
-                    decode_frames_max: Optional[int] = None) -> "ExportShapes":
-        """Shapes for an ``MMGTConfig`` and the engine's choices (None: the config's default)."""
-        guidance = cfg.sampler.guidance if guidance is None else float(guidance)
-        window = cfg.smga.window if window is None else int(window)
-        chunk = int(chunk)
-        if not 1 <= chunk <= cfg.unet.motion_max_frames:
-            raise ValueError(f"ExportShapes: chunk must be in [1, {cfg.unet.motion_max_frames}] (motion-module "
-                             f"position table), got {chunk}")
-        if window < 1:
-            raise ValueError(f"ExportShapes: window must be >= 1 frame, got {window}")
-        shapes = cls(resolution=cfg.resolution, latent=cfg.latent_size, chunk=chunk,
-                     unet_batch=1 if guidance == 1.0 else 2, smga_window=window,
-                     audio_frames_max=int(audio_frames_max or max(window, chunk)),
-                     decode_frames_max=int(decode_frames_max or chunk))
-        if shapes.audio_frames_max < 1 or shapes.decode_frames_max < 1:
-            raise ValueError(f"ExportShapes: frame limits must be >= 1: {shapes}")
-        return shapes
-
-    @classmethod
-    def from_settings(cls, cfg, settings) -> "ExportShapes":
-        """Shapes for an engine ``RenderSettings``-like object (reads chunk, guidance, window)."""
-        return cls.from_config(cfg, chunk=getattr(settings, "chunk", DEFAULT_CHUNK) or DEFAULT_CHUNK,
-                               guidance=getattr(settings, "guidance", None),
-                               window=getattr(settings, "window", None))
-
-    def to_dict(self) -> Dict[str, int]:
-        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,7 +76,8 @@ def sha256_text(text: str) -> str:
 
 
 def config_hash(cfg, sections: Sequence[str]) -> str:
-    """sha256 of the config sections a network is built from, minus its run-time fields."""
+    """sha256 of the config sections a network is built from (``Contract.config_sections``), minus its run-time
+    fields."""
     data = {}
     for section in sections:
         values = dataclasses.asdict(getattr(cfg, section))
@@ -188,16 +85,6 @@ def config_hash(cfg, sections: Sequence[str]) -> str:
             values.pop(name, None)
         data[section] = values
     return sha256_text(canonical_json(data))
-
-
-def resolve_attr(root: Any, path: str) -> Any:
-    """``resolve_attr(models, "vae.decoder")`` -> models.vae.decoder, with an error naming the missing part."""
-    obj = root
-    for part in path.split("."):
-        if not hasattr(obj, part):
-            raise AttributeError(f"export.manifest: {type(root).__name__} has no {path!r} (missing {part!r})")
-        obj = getattr(obj, part)
-    return obj
 
 
 def weights_digest(modules: Mapping[str, Any], dtype: Optional[str] = None) -> str:
@@ -223,13 +110,9 @@ def weights_digest(modules: Mapping[str, Any], dtype: Optional[str] = None) -> s
     return digest.hexdigest()
 
 
-def network_weights(models: Any, network: str) -> Dict[str, Any]:
-    """{path: module} holding the weights of ``network`` in a ModelSet-like object."""
-    try:
-        paths = WEIGHT_SOURCES[network]
-    except KeyError:
-        raise ValueError(f"export.manifest: unknown network {network!r}; known: {', '.join(NETWORKS)}") from None
-    return {path: resolve_attr(models, path) for path in paths}
+def network_weights(models: Any, contract: Contract) -> Dict[str, Any]:
+    """{path: module} holding the weights of a contract's network in a ModelSet-like object."""
+    return {path: resolve_attr(models, path) for path in contract.weights}
 
 
 def module_float_dtype(modules: Mapping[str, Any]) -> str:
@@ -450,9 +333,8 @@ def _mismatch(have: Mapping[str, Any], want: Mapping[str, Any]) -> Optional[str]
 
 
 __all__ = [
-    "SCHEMA", "MANIFEST_NAME", "ONNX_NAME", "ONNX_DATA_NAME", "PLAN_NAME", "FORMATS", "PRECISIONS", "DEFAULT_CHUNK",
-    "NETWORKS", "STAGE2_NETWORKS", "BRANCHES", "WEIGHT_SOURCES", "CONFIG_SECTIONS", "ArtifactError", "bank_name",
-    "mask_name", "ExportShapes", "canonical_json", "config_hash", "resolve_attr", "weights_digest",
+    "SCHEMA", "MANIFEST_NAME", "ONNX_NAME", "ONNX_DATA_NAME", "PLAN_NAME", "FORMATS", "PRECISIONS",
+    "RUNTIME_CONFIG_FIELDS", "ArtifactError", "canonical_json", "config_hash", "weights_digest",
     "network_weights", "module_float_dtype", "cache_key", "file_sha256", "describe_files", "atomic_write_bytes",
     "atomic_directory", "make_manifest", "write_manifest", "read_manifest", "validate_artifact", "artifact_dir",
     "find_artifact",

@@ -1,11 +1,11 @@
 """torch -> ONNX for one export contract: export, external data, onnx.checker, parity in onnxruntime.
 
-``export_onnx(spec, models, directory)`` writes ``directory/model.onnx`` (and ``model.onnx.data`` when the weights
+``export_onnx(contract, models, directory)`` writes ``directory/model.onnx`` (and ``model.onnx.data`` when the weights
 are too big for one protobuf) and returns what the manifest records about it. It raises ``ExportError`` when the
 graph fails the checker, lacks a contract input, or does not match torch within the contract's tolerance.
 
-The shared ModelSet is left as it was: attention layers switched to the export math are switched back, and an fp16
-export works on a deep copy.
+The shared ModelSet is left as it was: mmgt's attention layers use their export math only while tracing
+(``torch.onnx.is_in_onnx_export()``), and an fp16 export works on a deep copy.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .manifest import ONNX_DATA_NAME, ONNX_NAME
-from .specs import NetworkSpec
+from mmgt.contract import Contract
 
 log = logging.getLogger(__name__)
 
@@ -39,32 +39,12 @@ class ExportError(RuntimeError):
     """The export of one network failed (exporter, checker or parity); the message names the network."""
 
 
-@contextlib.contextmanager
-def export_attention(module: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
-    """Switch mmgt attention processors under ``module`` to the "export" math, restoring each one afterwards."""
-    from mmgt.attention import AttnProcessor, attention_modules
-
-    if not enabled:
-        yield module
-        return
-    saved = []
-    for layer in attention_modules(module).values():
-        if isinstance(layer.processor, AttnProcessor):
-            saved.append((layer.processor, layer.processor.backend))
-            layer.processor.backend = "export"
-    try:
-        yield module
-    finally:
-        for processor, backend in saved:
-            processor.backend = backend
-
-
 def _as_tuple(out: Any) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 @torch.no_grad()
-def torch_outputs(wrapper: nn.Module, spec: NetworkSpec, feeds: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def torch_outputs(wrapper: nn.Module, spec: Contract, feeds: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Run the torch wrapper on named inputs (in contract order) -> named fp32 outputs."""
     outs = _as_tuple(wrapper(*[feeds[n] for n in spec.input_names]))
     if len(outs) != len(spec.outputs):
@@ -90,7 +70,7 @@ def _quiet_loggers(names=("onnx_ir", "onnxscript", "torch.onnx"), level=logging.
             lg.setLevel(lv)
 
 
-def _run_exporter(wrapper: nn.Module, spec: NetworkSpec, args: tuple, path: Path, opset: int) -> None:
+def _run_exporter(wrapper: nn.Module, spec: Contract, args: tuple, path: Path, opset: int) -> None:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as chatter, _quiet_loggers():
         warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape checks: shapes are static here
         if spec.exporter == "torchscript":
@@ -173,7 +153,7 @@ def graph_opset(path: Path) -> int:
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def check_graph(spec: NetworkSpec, path: Path) -> None:
+def check_graph(spec: Contract, path: Path) -> None:
     """onnx.checker, and the graph's inputs/outputs are exactly the contract's, in order."""
     import onnx
 
@@ -193,14 +173,14 @@ def check_graph(spec: NetworkSpec, path: Path) -> None:
         raise ExportError(f"{spec.name}: {path} has outputs {list(outputs)}, contract {list(spec.output_names)}")
 
 
-def export_onnx(spec: NetworkSpec, models: Any, directory: Path, precision: str = "fp32",
+def export_onnx(spec: Contract, models: Any, directory: Path, precision: str = "fp32",
                 opset: int = DEFAULT_OPSET, parity: bool = True, provider: str = "cpu",
                 external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Dict[str, Any]:
     """Export one network into ``directory``; returns {files, opset, exporter, seconds, parity}."""
     directory = Path(directory)
     start = time.perf_counter()
     precision = spec.precision(precision)
-    reference = spec.factory(models).eval()
+    reference = spec.module(models).eval()
     wrapper = copy.deepcopy(reference).half() if precision == "fp16" else reference
     feeds = spec.sample_inputs(precision)
     args = tuple(feeds[n] for n in spec.input_names)
@@ -208,7 +188,7 @@ def export_onnx(spec: NetworkSpec, models: Any, directory: Path, precision: str 
     raw_dir.mkdir()
     try:
         # 1. trace and write (the exporter's own external-data layout, if any, stays in raw/)
-        with export_attention(wrapper, spec.export_attention), torch.no_grad():
+        with torch.no_grad():  # mmgt's attention layers spell their math out while torch.onnx.export traces
             try:
                 _run_exporter(wrapper, spec, args, raw_dir / ONNX_NAME, opset)
             except ExportError:
@@ -261,7 +241,7 @@ def ort_session(path: Path, provider: str = "cpu"):
 
 
 @torch.no_grad()
-def check_parity(spec: NetworkSpec, path: Path, reference: nn.Module, precision: str = "fp32",
+def check_parity(spec: Contract, path: Path, reference: nn.Module, precision: str = "fp32",
                  provider: str = "cpu", seed: int = 1) -> Dict[str, Any]:
     """Max abs diff between onnxruntime and the fp32 torch ``reference`` at each profile point of the contract."""
     session = ort_session(path, provider)
@@ -289,6 +269,6 @@ def check_parity(spec: NetworkSpec, path: Path, reference: nn.Module, precision:
             "per_output": per_output}
 
 
-__all__ = ["DEFAULT_OPSET", "DYNAMO_MIN_OPSET", "EXTERNAL_DATA_THRESHOLD", "ExportError", "export_attention",
+__all__ = ["DEFAULT_OPSET", "DYNAMO_MIN_OPSET", "EXTERNAL_DATA_THRESHOLD", "ExportError",
            "torch_outputs", "finalize_onnx", "graph_opset", "check_graph", "export_onnx", "ort_providers",
            "ort_session", "check_parity"]

@@ -23,7 +23,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from .manifest import atomic_write_bytes
-from .specs import NetworkSpec
+from mmgt.contract import Contract
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _pin_fp32(network, trt) -> int:
     return pinned
 
 
-def build_plan(spec: NetworkSpec, onnx_path: Path, plan_path: Path, precision: str = "fp16",
+def build_plan(spec: Contract, onnx_path: Path, plan_path: Path, precision: str = "fp16",
                timing_cache: Optional[Path] = None, opt_level: int = DEFAULT_OPT_LEVEL,
                workspace_gb: float = DEFAULT_WORKSPACE_GB) -> Dict[str, Any]:
     """Build ``plan_path`` from ``onnx_path`` for the contract's profile; returns build facts for the manifest."""
@@ -187,7 +187,7 @@ def run_plan(plan_path: Path, feeds: Mapping[str, "np.ndarray"]) -> Dict[str, np
     return {k: v.float().cpu().numpy() for k, v in outputs.items()}
 
 
-def check_plan_parity(spec: NetworkSpec, plan_path: Path, reference, precision: str) -> Dict[str, Any]:
+def check_plan_parity(spec: Contract, plan_path: Path, reference, precision: str) -> Dict[str, Any]:
     """Max abs diff of the plan against the fp32 torch reference (on CPU) at the contract's opt point."""
     from .onnx import torch_outputs
 

@@ -3,7 +3,7 @@
 Owns ``librosa_features`` (onset envelope, MFCC, chroma_cens, onset peaks, beats at sr 12800 / hop 512), its
 rates (``LIBROSA_SAMPLE_RATE``, ``LIBROSA_HOP``, ``TEMPO_SAMPLE_RATE``) and the in-process memo of librosa's
 constant-Q filter basis that keeps chroma_cens from rebuilding it on every call. SMGA's audio condition
-(WavLM ++ these) is ``mmgt.speech_encoders.smga_condition``. librosa is imported inside the functions that need it.
+(WavLM ++ these) is ``mmgt.pipeline.smga_condition``. librosa is imported inside the functions that need it.
 """
 from __future__ import annotations
 

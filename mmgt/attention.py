@@ -1,30 +1,33 @@
-"""Attention processors for every attention layer of the Stage II networks.
+"""Attention processors for every attention layer of the Stage II networks: stateless, per-call inputs as arguments.
 
 The weights of an attention layer live in a diffusers ``Attention`` module (``to_q``, ``to_k``, ``to_v``,
-``to_out.0``: the release's key names); the math lives in a *processor* object attached to it. Swapping the
-processor changes how attention is computed without forking the network:
+``to_out.0``: the release's key names); the math lives in a *processor* object attached to it. diffusers hands a
+block's ``cross_attention_kwargs`` to the processors of that block as keyword arguments, so everything a call needs
+arrives with the call and nothing is kept on a module between calls: one network serves any number of threads,
+avatars and sessions at once.
 
-* ``AttnProcessor`` -- plain self/cross attention. Backend ``"sdpa"`` uses ``F.scaled_dot_product_attention``
-  (fused kernels where the device has them); backend ``"export"`` spells the same math as matmul + softmax +
-  matmul so it traces to plain ONNX (opset 17) and TensorRT ops.
-* ``ReferenceWriteProcessor`` -- the ReferenceNet's self-attention (attn1). It stores its input, which is
-  ``norm1(hidden)`` because ``BasicTransformerBlock`` normalises before calling attn1, into a ``BankRecorder``,
-  then attends as usual (the ReferenceNet's own later blocks need the normal result).
-* ``ReferenceReadProcessor`` -- the denoiser's self-attention (attn1). Keys/values are the frame's own tokens
-  followed by the bank tokens of the matching ReferenceNet block, repeated over frames. Under classifier-free
-  guidance the leading unconditional samples use plain self-attention (as the reference implementation does).
+* ``AttnProcessor`` -- plain self/cross attention.
+* ``ReferenceWriteProcessor`` -- the ReferenceNet's self-attention (attn1). Its input, ``norm1(hidden)`` (the
+  ``BasicTransformerBlock`` normalises before calling attn1), is the bank entry of its block: it is put into the
+  call's own ``bank_out`` list (made by ``ReferenceNet.forward`` for that call and returned from it).
+* ``ReferenceReadProcessor`` -- the denoiser's self-attention (attn1). Its call's ``reference`` (a
+  ``ReferenceRead``: the bank entry of its block, the frame count, the CFG layout) adds the reference tokens to the
+  keys/values of every frame. Under classifier-free guidance the leading unconditional samples use plain
+  self-attention, as the reference implementation does.
 
-The bank reaches the read processors through a ``BankState`` that the denoiser fills at the start of each forward
-call from an explicit tuple of tensors, so an exported denoiser step takes the bank as named inputs. One network
-object therefore serves one forward call at a time (the state is per network, not per call).
+Per-call keyword arguments reach both attention layers of a transformer block; each processor takes the ones meant
+for attn1 (``reference``, ``bank_out``) in its signature, so diffusers passes them on without a warning, and the
+plain processors ignore them.
 
-``set_attention_backend(module, "sdpa" | "export")`` switches every attention layer under ``module``.
+Math: ``"sdpa"`` uses ``F.scaled_dot_product_attention`` (fused kernels where the device has them); ``"export"``
+spells the same math as matmul + softmax + matmul so it traces to plain ONNX (opset 17) and TensorRT ops. The export
+math is chosen at build time (``attention_backend=``) or, whatever was built, while ``torch.onnx.export`` traces
+(``torch.onnx.is_in_onnx_export()``; torch.compile folds that check to False), so exporting changes no module.
 """
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +48,7 @@ def check_backend(backend: str) -> str:
 def attention_math(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                    backend: str) -> torch.Tensor:
     """softmax(q k^T * scale) v over (N, heads, L, d) tensors, by the chosen backend."""
-    if backend == "sdpa":
+    if backend == "sdpa" and not torch.onnx.is_in_onnx_export():
         return F.scaled_dot_product_attention(query, key, value, scale=scale)  # (N, H, Lq, d)
     # Explicit form for export: scaling q first keeps fp16 scores in range. A half-precision graph gets its
     # softmax in fp32 (thousands of keys); an fp32 graph gets no Cast nodes, so MatMul-Softmax-MatMul stays a
@@ -68,11 +71,24 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(n, length, heads * dim)  # (N, L, H*d)
 
 
+class ReferenceRead(NamedTuple):
+    """What one denoiser self-attention reads of the reference in one call (``cross_attention_kwargs["reference"]``).
+
+    Rows of the folded batch are (sample, frame) pairs, sample-major: the first ``uncond_rows * frames`` rows are the
+    CFG unconditional samples (no reference), the rest read ``tokens``.
+    """
+
+    tokens: torch.Tensor  # (1 or conditional samples, Lr, C): this block's bank entry, one row per sample or shared
+    frames: int  # F: frames per sample in the folded batch
+    uncond_rows: int  # leading samples that are the CFG unconditional half
+
+
 class AttnProcessor:
     """Plain attention: queries from ``hidden_states``, keys/values from ``encoder_hidden_states`` (or itself).
 
     Covers the attention layers of the SD1.5 UNet family as configured here: no attention mask, no group/cross
-    norms, no residual inside the layer (the blocks add their own residuals).
+    norms, no residual inside the layer (the blocks add their own residuals). ``reference`` and ``bank_out`` are the
+    per-call inputs of the block's self-attention; they reach every processor of the block and are ignored here.
     """
 
     def __init__(self, backend: str = "sdpa"):
@@ -80,7 +96,8 @@ class AttnProcessor:
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 attention_mask: Optional[torch.Tensor] = None, reference: Optional[ReferenceRead] = None,
+                 bank_out: Optional[List[Optional[torch.Tensor]]] = None) -> torch.Tensor:
         if attention_mask is not None:
             raise ValueError(f"{type(self).__name__}: attention masks are not used by the MMGT networks")
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
@@ -100,108 +117,53 @@ class AttnProcessor:
         return attn.to_out[1](out)  # dropout (identity in eval)
 
 
-class BankRecorder:
-    """Collects the ReferenceNet's attn1 inputs by bank index while ``recording()`` is active."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.active = False
-        self.entries: List[Optional[torch.Tensor]] = [None] * size
-
-    @contextmanager
-    def recording(self) -> Iterator["BankRecorder"]:
-        self.entries = [None] * self.size
-        self.active = True
-        try:
-            yield self
-        finally:
-            self.active = False
-
-    def collect(self) -> tuple:
-        """The recorded bank in index order; every entry must have been written."""
-        missing = [i for i, t in enumerate(self.entries) if t is None]
-        if missing:
-            raise RuntimeError(f"mmgt.attention.BankRecorder: bank entries {missing} were not written; "
-                               "the ReferenceNet forward did not reach every transformer block")
-        bank = tuple(self.entries)
-        self.entries = [None] * self.size  # drop references so the tensors can be freed with the bank
-        return bank
-
-
 class ReferenceWriteProcessor(AttnProcessor):
-    """ReferenceNet attn1: store the input tokens (= norm1(hidden)) as bank entry ``index``, then self-attend."""
+    """ReferenceNet attn1: put the input tokens (= norm1(hidden)) into the call's ``bank_out[index]``, then
+    self-attend (the ReferenceNet's own later blocks need the normal result)."""
 
-    def __init__(self, index: int, recorder: BankRecorder, backend: str = "sdpa"):
+    def __init__(self, index: int, backend: str = "sdpa"):
         super().__init__(backend)
-        self.index = index
-        self.recorder = recorder
+        self.index = index  # position of this block's entry in the bank (reference_bank_layout order)
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.recorder.active:
-            self.recorder.entries[self.index] = hidden_states  # (B, h*w, C)
+                 attention_mask: Optional[torch.Tensor] = None, reference: Optional[ReferenceRead] = None,
+                 bank_out: Optional[List[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+        if bank_out is not None:
+            bank_out[self.index] = hidden_states  # (B, h*w, C)
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask)
 
 
-class BankState:
-    """Per-call inputs of the read processors, set by the denoiser's forward for the duration of the call."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.tensors: Optional[Sequence[torch.Tensor]] = None
-        self.num_frames = 1
-        self.uncond_rows = 0  # leading samples (not frames) that are the CFG unconditional half
-
-    @contextmanager
-    def use(self, tensors: Optional[Sequence[torch.Tensor]], num_frames: int, uncond_rows: int) -> Iterator[None]:
-        if tensors is not None and len(tensors) != self.size:
-            raise ValueError(f"mmgt.attention: reference bank has {len(tensors)} tensors, "
-                             f"the denoiser reads {self.size}")
-        self.tensors, self.num_frames, self.uncond_rows = tensors, num_frames, uncond_rows
-        try:
-            yield
-        finally:
-            self.tensors, self.num_frames, self.uncond_rows = None, 1, 0
-
-
 class ReferenceReadProcessor(AttnProcessor):
-    """Denoiser attn1: keys/values = cat(own frame tokens, bank entry ``index`` repeated over frames).
+    """Denoiser attn1: keys/values = cat(own frame tokens, the call's reference tokens repeated over frames).
 
-    Rows of the folded batch are (sample, frame) pairs, sample-major. The first ``uncond_rows * num_frames`` rows
-    (the CFG unconditional half) use plain self-attention; the remaining rows read the bank. The bank entry has
-    one row per conditional sample, or one row shared by all of them.
+    Without a ``reference`` (no reference image) it is plain self-attention everywhere.
     """
-
-    def __init__(self, index: int, state: BankState, backend: str = "sdpa"):
-        super().__init__(backend)
-        self.index = index
-        self.state = state
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        state = self.state
-        if state.tensors is None:  # no reference image: plain self-attention everywhere
+                 attention_mask: Optional[torch.Tensor] = None, reference: Optional[ReferenceRead] = None,
+                 bank_out: Optional[List[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+        if reference is None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask)
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("ReferenceReadProcessor: attn1 is self-attention; got encoder states or a mask")
-        frames = state.num_frames
+        frames = reference.frames
         rows = hidden_states.shape[0]
-        uncond = state.uncond_rows * frames  # folded rows of the unconditional half
+        uncond = reference.uncond_rows * frames  # folded rows of the unconditional half
         key_self = attn.to_k(hidden_states)  # (N, L, C)
         value_self = attn.to_v(hidden_states)  # (N, L, C)
         outputs = []
         # 1. Unconditional rows: plain self-attention, the reference image must not leak into them
         if uncond > 0:
             outputs.append(self.attend(attn, hidden_states[:uncond], key_self[:uncond], value_self[:uncond]))
-        # 2. Conditional rows: own tokens + bank tokens; the bank is projected once per sample, not per frame
+        # 2. Conditional rows: own tokens + reference tokens; the reference is projected once per sample, not per frame
         if rows > uncond:
             cond_samples = (rows - uncond) // frames
-            bank = state.tensors[self.index].to(hidden_states.dtype)  # (Bb, Lr, C)
+            bank = reference.tokens.to(hidden_states.dtype)  # (Bb, Lr, C)
             if bank.ndim != 3 or bank.shape[0] not in (1, cond_samples) or bank.shape[2] != hidden_states.shape[2]:
                 raise ValueError(
-                    f"ReferenceReadProcessor: bank entry {self.index} has shape {tuple(bank.shape)}; expected "
+                    f"ReferenceReadProcessor: reference tokens have shape {tuple(bank.shape)}; expected "
                     f"(1 or {cond_samples} conditional samples, tokens, {hidden_states.shape[2]})")
             key_ref = self._over_frames(attn.to_k(bank), cond_samples, frames)  # (Nc, Lr, C)
             value_ref = self._over_frames(attn.to_v(bank), cond_samples, frames)  # (Nc, Lr, C)
@@ -224,7 +186,8 @@ def attention_modules(module: torch.nn.Module) -> Dict[str, Attention]:
 
 
 def set_attention_backend(module: torch.nn.Module, backend: str) -> int:
-    """Switch every attention layer under ``module`` to ``backend`` ("sdpa" or "export"); returns the count.
+    """Build-time setting: every attention layer under ``module`` computes with ``backend`` ("sdpa" or "export");
+    returns the count. Networks call it from their constructor; tests use it to compare the two maths.
 
     Our processors keep their role (plain / bank write / bank read) and only change their math; any other
     processor (e.g. the diffusers default a fresh module comes with) is replaced by a plain ``AttnProcessor``.
@@ -241,6 +204,6 @@ def set_attention_backend(module: torch.nn.Module, backend: str) -> int:
 
 
 __all__ = [
-    "BACKENDS", "check_backend", "attention_math", "AttnProcessor", "BankRecorder", "ReferenceWriteProcessor",
-    "BankState", "ReferenceReadProcessor", "attention_modules", "set_attention_backend",
+    "BACKENDS", "check_backend", "attention_math", "ReferenceRead", "AttnProcessor", "ReferenceWriteProcessor",
+    "ReferenceReadProcessor", "attention_modules", "set_attention_backend",
 ]

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from mmgt.audio_io import AudioError
-from mmgt.config import AudioProjConfig
+from mmgt.config import AudioProjConfig, MMGTConfig
+from mmgt.contract import Contract, Dynamic, Shapes, tensor
 
 
 def audio_windows(feats: Union[torch.Tensor, np.ndarray], radius: int = 2) -> Union[torch.Tensor, np.ndarray]:
@@ -62,4 +63,16 @@ class AudioProjModel(nn.Module):
         return tokens.reshape(b, f, cfg.context_tokens, cfg.output_dim)  # (B, F, K, D)
 
 
-__all__ = ["audio_windows", "AudioProjModel"]
+def audio_proj_contract(cfg: MMGTConfig, shapes: Shapes) -> Contract:
+    """audio_proj: +-2-frame wav2vec2 windows -> MM-HAA tokens, any number of frames up to ``audio_frames_max``."""
+    ap, n = cfg.audio_proj, shapes.audio_frames_max
+    frames = (Dynamic(1, 1, n, "frames"),)
+    return Contract(
+        "audio_proj", "AudioProjModel: +-2-frame wav2vec2 windows -> MM-HAA tokens per frame",
+        inputs=(tensor("audio_windows", (1, n, ap.seq_len, ap.blocks, ap.channels), dynamic=frames),),
+        outputs=(tensor("audio_tokens", (1, n, ap.context_tokens, ap.output_dim), dynamic=frames),),
+        module=lambda m: m.audioproj, weights=("audioproj",), config_sections=("audio_proj",),
+        shape_fields=("audio_frames_max",))
+
+
+__all__ = ["audio_proj_contract", "audio_windows", "AudioProjModel"]

@@ -19,6 +19,9 @@ AUDIO_SAMPLE_RATE = 16_000  # what the audio encoders (WavLM, wav2vec2) consume
 N_KEYPOINTS = 134  # body 18 + feet 6 + face 68 + two hands 21 each
 POSE_DIM = N_KEYPOINTS * 3  # 402 = (x, y, score) per keypoint
 LIBROSA_DIM = 35  # onset env 1 + MFCC 20 + chroma_cens 12 + onset peak 1 + beat 1
+# Motion-mask branches, in the order of every mask array's branch axis (mmgt.motion_masks -> UNet3D -> MM-HAA's
+# attn2_0/1/2, zero_conv_* and branch weights -> the exported denoiser's mask inputs)
+MASK_BRANCHES = ("full", "face", "lip")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,10 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from mmgt.config import CLIPConfig
+from torch import nn
+
+from mmgt.config import CLIPConfig, MMGTConfig
+from mmgt.contract import Contract, Shapes, tensor
 from mmgt.seeding import seeded
 
 log = logging.getLogger(__name__)
@@ -95,10 +98,31 @@ def clip_embed(model, image: ImageLike) -> torch.Tensor:
     return embeds.unsqueeze(1)  # (1, 1, D)
 
 
+class CLIPContext(nn.Module):
+    """Contract call: CLIP pixel values (1, 3, S, S) -> the cross-attention context (1, 1, projection_dim)."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.clip(pixel_values=pixels).image_embeds.unsqueeze(1)  # (1, 1, D)
+
+
+def image_encoder_contract(cfg: MMGTConfig, shapes: Shapes) -> Contract:
+    """image_encoder: the reference image's CLIP embedding, the denoiser's cross-attention context (once per avatar).
+    Preprocessing (resize, CLIP normalisation) stays on the host: ``clip_preprocess``."""
+    s = cfg.clip.image_size
+    return Contract(
+        "image_encoder", "CLIP vision encoder + projection: preprocessed pixels -> cross-attention context",
+        inputs=(tensor("pixels", (1, 3, s, s)),), outputs=(tensor("context", (1, 1, cfg.clip.projection_dim)),),
+        module=lambda m: CLIPContext(m.clip), weights=("clip",), config_sections=("clip",), shape_fields=())
+
+
 def unconditional_context(context: torch.Tensor) -> torch.Tensor:
     """The CFG unconditional context: zeros shaped like the image context (the reference's zeros_like)."""
     return torch.zeros_like(context)
 
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "build_clip", "load_clip", "clip_preprocess", "clip_embed",
-           "unconditional_context"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "build_clip", "load_clip", "clip_preprocess", "clip_embed", "CLIPContext",
+           "image_encoder_contract", "unconditional_context"]

@@ -5,9 +5,9 @@ Per frame (frames folded into the batch), on the block's feature map of C channe
     x = proj_in(GroupNorm(h))                                    1x1 conv C -> d (the inner width)
     x += attn1(norm1(x))                                         self-attention over the frame's pixels
     n = norm2(x)
-    full = zero_conv_full(attn2_0(n, audio) * full_mask)         each cross-attention reads only this
-    face = zero_conv_face(attn2_1(n, audio) * face_mask)         frame's 32 audio tokens; masks gate the
-    lip  = zero_conv_lip (attn2_2(n, audio) * lip_mask)          query-token outputs before the 1x1 conv
+    full = zero_conv_full(attn2_0(n, audio) * mask[:, 0])        each cross-attention reads only this
+    face = zero_conv_face(attn2_1(n, audio) * mask[:, 1])        frame's 32 audio tokens; masks gate the
+    lip  = zero_conv_lip (attn2_2(n, audio) * mask[:, 2])        query-token outputs before the 1x1 conv
     x = w_full * full + w_face * face + w_lip * lip + x          branch weights (1, 1, 2) from the config
     x += ff(norm3(x))                                            GEGLU
     out = proj_out(x) + h                                        1x1 conv d -> C, residual
@@ -28,8 +28,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from mmgt.attention import AttnProcessor
-
-BRANCHES = ("full", "face", "lip")  # order of attn2_0/1/2, zero_conv_*, masks and branch weights
+from mmgt.config import MASK_BRANCHES
 
 
 def _zero_conv(dim: int) -> nn.Conv2d:
@@ -67,7 +66,7 @@ class AudioTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn="geglu")
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, hidden_states: torch.Tensor, audio_tokens: torch.Tensor, masks: Sequence[torch.Tensor],
+    def forward(self, hidden_states: torch.Tensor, audio_tokens: torch.Tensor, mask: torch.Tensor,
                 height: int, width: int) -> torch.Tensor:
         rows, tokens, dim = hidden_states.shape  # (B*F, h*w, d)
         # 1. Self-attention over the frame's pixels
@@ -77,8 +76,8 @@ class AudioTransformerBlock(nn.Module):
         branches = ((self.attn2_0, self.zero_conv_full), (self.attn2_1, self.zero_conv_face),
                     (self.attn2_2, self.zero_conv_lip))
         audio_sum = None
-        for (attn, conv), mask, weight in zip(branches, masks, self.branch_weights):
-            gated = attn(normed, encoder_hidden_states=audio_tokens) * mask.unsqueeze(-1)  # (B*F, hw, d)
+        for b, ((attn, conv), weight) in enumerate(zip(branches, self.branch_weights)):
+            gated = attn(normed, encoder_hidden_states=audio_tokens) * mask[:, b].unsqueeze(-1)  # (B*F, hw, d)
             gated = gated.reshape(rows, height, width, dim).permute(0, 3, 1, 2)  # (B*F, d, h, w)
             gated = conv(gated).permute(0, 2, 3, 1).reshape(rows, tokens, dim)  # (B*F, hw, d)
             audio_sum = weight * gated if audio_sum is None else audio_sum + weight * gated
@@ -90,8 +89,8 @@ class AudioTransformerBlock(nn.Module):
 class MMHAA(nn.Module):
     """One MM-HAA module (``audio_modules.N``): GroupNorm, 1x1 proj_in C -> d, the audio block, 1x1 proj_out.
 
-    forward(hidden (B*F, C, h, w), audio_tokens (B*F, T, audio_dim), masks (full, face, lip) each (B*F, h*w))
-    -> (B*F, C, h, w).
+    forward(hidden (B*F, C, h, w), audio_tokens (B*F, T, audio_dim), mask (B*F, 3, h*w): the full, face and lip
+    masks of this level on the branch axis, MASK_BRANCHES order) -> (B*F, C, h, w).
     """
 
     def __init__(self, channels: int, inner_dim: int, heads: int, audio_dim: int, norm_groups: int,
@@ -103,25 +102,21 @@ class MMHAA(nn.Module):
             [AudioTransformerBlock(inner_dim, heads, audio_dim, branch_weights, backend)])
         self.proj_out = nn.Conv2d(inner_dim, channels, kernel_size=1)
 
-    def forward(self, hidden_states: torch.Tensor, audio_tokens: torch.Tensor,
-                masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, audio_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows, channels, height, width = hidden_states.shape  # (B*F, C, h, w)
         if audio_tokens.ndim != 3 or audio_tokens.shape[0] != rows:
             raise ValueError(f"mmgt.mmhaa: audio tokens must be (B*F={rows}, tokens, dim), "
                              f"got {tuple(audio_tokens.shape)}")
-        if len(masks) != 3:
-            raise ValueError(f"mmgt.mmhaa: need 3 masks (full, face, lip), got {len(masks)}")
-        for name, mask in zip(BRANCHES, masks):
-            if tuple(mask.shape) != (rows, height * width):
-                raise ValueError(f"mmgt.mmhaa: {name} mask must be (B*F={rows}, h*w={height * width}) at this "
-                                 f"level, got {tuple(mask.shape)}")
-        masks = [m.to(hidden_states.dtype) for m in masks]
+        if tuple(mask.shape) != (rows, len(MASK_BRANCHES), height * width):
+            raise ValueError(f"mmgt.mmhaa: mask must be (B*F={rows}, {len(MASK_BRANCHES)} branches "
+                             f"{'/'.join(MASK_BRANCHES)}, h*w={height * width}) at this level, got {tuple(mask.shape)}")
+        mask = mask.to(hidden_states.dtype)
         residual = hidden_states
         x = self.proj_in(self.norm(hidden_states))  # (B*F, d, h, w); GroupNorm per frame
         inner = x.shape[1]
         x = x.permute(0, 2, 3, 1).reshape(rows, height * width, inner)  # (B*F, hw, d)
         for block in self.transformer_blocks:
-            x = block(x, audio_tokens, masks, height, width)  # (B*F, hw, d)
+            x = block(x, audio_tokens, mask, height, width)  # (B*F, hw, d)
         x = x.reshape(rows, height, width, inner).permute(0, 3, 1, 2)  # (B*F, d, h, w)
         return self.proj_out(x) + residual
 
@@ -134,4 +129,4 @@ def audio_module_dims(block_out_channels: Sequence[int], block: int,
     return tuple((out_ch, in_ch if j == 0 else out_ch) for j in range(layers_per_block))
 
 
-__all__ = ["BRANCHES", "AudioTransformerBlock", "MMHAA", "audio_module_dims"]
+__all__ = ["AudioTransformerBlock", "MMHAA", "audio_module_dims"]

@@ -14,16 +14,19 @@ first level (cv2 bilinear), Gaussian blur (face 31 x 31, lips 21 x 21, sigma fro
 resize of that 8-bit image, divided by 255 and flattened to (F, side * side).
 
 The three MM-HAA branches: face = face_hands, lip = lips, full = clamp(1 - face + lip, 0, 1) (the spec's
-Decision), computed on the level tensors.
+Decision), computed on the level tensors. They leave this module in the one layout every later stage uses: per level
+one float32 array (F, 3, side * side), the branches on axis 1 in ``MASK_BRANCHES`` order (full, face, lip), sliced
+per render chunk and handed to the UNet3D and the exported denoiser as they are.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from mmgt.config import MASK_BRANCHES
 from mmgt.keypoints import FACE, HAND_1, HAND_2, LIPS, N_KEYPOINTS, SCORE_THRESHOLD
 
 MASK_SIZE = 512  # the reference draws masks on a 512 x 512 canvas
@@ -111,8 +114,8 @@ def mask_levels(mask: np.ndarray, kernel: int, levels: Sequence[int] = LEVELS) -
 
 def motion_masks(kps_unit: np.ndarray, levels: Sequence[int] = LEVELS, size: int = MASK_SIZE,
                  face_kernel: Optional[int] = None, lip_kernel: Optional[int] = None,
-                 score_threshold: float = SCORE_THRESHOLD) -> Dict[str, List[np.ndarray]]:
-    """(F, 134, 3) unit keypoints -> dict(full, face, lip), each a list over levels of float32 (F, side * side).
+                 score_threshold: float = SCORE_THRESHOLD) -> Tuple[np.ndarray, ...]:
+    """(F, 134, 3) unit keypoints -> per level a float32 (F, 3, side * side) array: full, face, lip on axis 1.
 
     Kernels default to the reference's 31 (face) and 21 (lips) at a 64 first level, scaled for other first levels
     (e.g. the tiny preset's 8) so the blur keeps its relative extent.
@@ -122,5 +125,9 @@ def motion_masks(kps_unit: np.ndarray, levels: Sequence[int] = LEVELS, size: int
     lip_kernel = lip_kernel or scaled_kernel(LIP_KERNEL, int(levels[0]))
     face = mask_levels(boxes["face_hands"], face_kernel, levels)
     lip = mask_levels(boxes["lips"], lip_kernel, levels)
-    full = [np.clip(1.0 - f + l, 0.0, 1.0).astype(np.float32) for f, l in zip(face, lip)]  # the Decision
-    return {"full": full, "face": face, "lip": lip}
+    out = []
+    for face_l, lip_l in zip(face, lip):
+        full_l = np.clip(1.0 - face_l + lip_l, 0.0, 1.0)  # the Decision
+        branches = {"full": full_l, "face": face_l, "lip": lip_l}
+        out.append(np.stack([branches[b] for b in MASK_BRANCHES], axis=1).astype(np.float32))  # (F, 3, side^2)
+    return tuple(out)

@@ -1,35 +1,47 @@
-"""The eager reference pipeline: the whole model set, one avatar, one window in, frames out.
+"""The model set and the stage functions of MMGT, and the eager reference pipeline built from them.
 
 The pieces the engine's runner calls, in the order of the data:
 
-    build_models / load_models   -> ModelSet   (every network, one device and dtype)
+    build_models / load_models   -> ModelSet   (every network; one named call per network contract)
     prepare_avatar(image)        -> Avatar     (CLIP context, reference latent, ReferenceNet bank; once per image)
     smga_condition + generate_poses            Stage I: audio -> (W, 402) poses in SMGA space
-    pose_conditions(keypoints)   -> pose frames + motion masks
-    audio_tokens(wave)           -> (F, 32, D) MM-HAA tokens
-    render_chunk(...)            -> final latents of <= 32 frames (overlap latents re-noised from the previous chunk)
+    pose_conditions(keypoints)   -> pose frames + motion masks (one layout: per level (F, 3, h*w))
+    audio_tokens(wave)           -> (F, 32, D) MM-HAA tokens, on the model's device
+    render_chunk(StageIIChunk)   -> final latents of <= 32 frames (overlap latents re-noised from the previous chunk)
     decode(latents)              -> uint8 frames
 
-``MMGTPipeline.__call__`` chains them for one window (reference image + 3.2 s of audio -> 80 frames), the eager
-reference the engine's runner is compared with.
+Every network is reached through ``ModelSet.call(name, feeds)``: named tensors in, named tensors out, as its contract
+(mmgt/contracts.py) declares. By default a call runs the contract's torch module; the engine swaps in other executors
+per network (onnxruntime, TensorRT, compiled or CUDA-graphed torch) with ``dataclasses.replace(models,
+executors=...)``. Nothing a call needs is kept on a module or on the model set: avatars, banks, masks and tokens are
+arguments, so one ModelSet serves any number of threads, avatars and sessions at once.
+
+``MMGTPipeline.__call__`` chains the stage functions for one window (reference image + 3.2 s of audio -> 80 frames),
+the eager reference the engine's runner is compared with.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import keypoints as K
+from .acoustic import librosa_features
+from .audio_io import frames_for_samples
 from .audio_proj import AudioProjModel, audio_windows
 from .config import FPS, MMGT, MMGTConfig
-from .image_encoder import build_clip, clip_embed, load_clip
+from .contract import SAMPLES_PER_FRAME, Contract, Executor, Feeds, Shapes, TorchCall
+from .contracts import network_contracts
+from .image_encoder import build_clip, clip_preprocess, load_clip
 from .init_pose import initial_pose
 from .motion_masks import motion_masks
 from .noise import DDIMSchedule
@@ -38,24 +50,26 @@ from .pose_render import render_poses
 from .reference_net import ReferenceNet
 from .seeding import seeded
 from .smga import SMGA, SMGADiffusion, build_smga
-from .speech_encoders import build_wav2vec2, build_wavlm, load_wav2vec2, load_wavlm, wav2vec2_features
-from .speech_encoders import smga_condition as _smga_condition
-from .unet3d import UNet3D
-from .vae import build_vae, decode_latents, encode_reference, load_vae, to_uint8
-from .weights import ReleaseLayout, WeightsError, load_smga, load_stage2
+from .speech_encoders import build_wav2vec2, build_wavlm, load_wav2vec2, load_wavlm
+from .unet3d import UNet3D, audio_mask_levels, bank_name, mask_name
+from .vae import build_vae, image_to_tensor, load_vae, to_uint8
+from .weights import ReleaseLayout, WeightsError, load_smga, load_stage2, stage2_builders
 
 log = logging.getLogger(__name__)
 
 UNTRAINED_NOTE = "untrained preset: random weights, the frames are not a real avatar"
-BRANCHES = ("full", "face", "lip")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model set
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class ModelSet:
-    """Every network of MMGT on one device, in eval mode."""
+    """Every network of MMGT on one device, in eval mode, and one named call per network contract.
+
+    Immutable: derive a variant with ``dataclasses.replace`` (other executors, another decoder); the modules are
+    shared, nothing is copied.
+    """
 
     cfg: MMGTConfig
     smga: SMGA  # Stage I pose diffusion network
@@ -65,12 +79,44 @@ class ModelSet:
     pose_guider: PoseGuider  # pose frames -> features added after conv_in
     reference_unet: ReferenceNet  # reference image -> attention bank
     denoising_unet: UNet3D  # the video denoiser
-    vae: nn.Module  # diffusers AutoencoderKL (or AutoencoderTiny as decoder)
+    vae: nn.Module  # diffusers AutoencoderKL
     clip: nn.Module  # transformers CLIPVisionModelWithProjection
     decoder: Optional[nn.Module] = None  # a light decoder (AutoencoderTiny) used instead of the VAE's for decoding
-    smga_denoise: Optional[Callable] = None  # stands in for smga.guided_denoise (the engine's CUDA-graphed replay)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32  # Stage II compute dtype (Stage I and audio stay fp32)
+    dtype: torch.dtype = torch.float32  # Stage II compute dtype (Stage I and the speech encoders stay fp32)
+    shapes: Optional[Shapes] = None  # static shapes of the calls (chunk, CFG layouts); None: the config's defaults
+    executors: Mapping[str, Executor] = field(default_factory=dict)  # network -> executor replacing its torch call
+    contracts: Dict[str, Contract] = field(init=False, repr=False)  # network -> its contract at these shapes
+    calls: Dict[str, Executor] = field(init=False, repr=False)  # network -> executor: `executors`, else torch
+
+    def __post_init__(self) -> None:
+        shapes = self.shapes or Shapes.from_config(self.cfg)
+        object.__setattr__(self, "shapes", shapes)
+        contracts = network_contracts(self.cfg, shapes)
+        unknown = sorted(set(self.executors) - set(contracts))
+        if unknown:
+            raise ValueError(f"ModelSet: executors for unknown networks {unknown}; known: {', '.join(contracts)}")
+        calls = {name: self.executors.get(name) or TorchCall(c, c.module(self)) for name, c in contracts.items()}
+        object.__setattr__(self, "contracts", contracts)
+        object.__setattr__(self, "calls", calls)
+
+    @property
+    def frame_decoder(self) -> nn.Module:
+        """The decoder frames are made with: the light one when set, else the VAE's."""
+        return self.decoder if self.decoder is not None else self.vae
+
+    def call(self, network: str, feeds: Feeds) -> Dict[str, torch.Tensor]:
+        """Run ``network`` on named inputs -> named outputs (its contract's names)."""
+        try:
+            executor = self.calls[network]
+        except KeyError:
+            raise KeyError(f"ModelSet: no network {network!r} for these shapes; known: {', '.join(self.calls)}") \
+                from None
+        return executor(feeds)
+
+    def backends(self) -> Dict[str, str]:
+        """network -> the kind of executor that runs it ("torch", "onnxruntime", "tensorrt", ...)."""
+        return {name: getattr(ex, "kind", type(ex).__name__) for name, ex in self.calls.items()}
 
     def stage2_modules(self) -> Dict[str, nn.Module]:
         """The networks of net-32500.pth, under their checkpoint prefixes."""
@@ -78,24 +124,14 @@ class ModelSet:
                 "pose_guider": self.pose_guider, "audioproj": self.audioproj}
 
     def to(self, device, dtype: Optional[torch.dtype] = None) -> "ModelSet":
-        self.device = torch.device(device)
-        self.dtype = dtype or self.dtype
+        """The modules moved (in place) to ``device`` (Stage II in ``dtype``); returns the model set for them."""
+        device, dtype = torch.device(device), dtype or self.dtype
         for name in ("smga", "wavlm", "wav2vec2"):  # small or numerically delicate: fp32
-            getattr(self, name).to(self.device)
+            getattr(self, name).to(device)
         for name in ("audioproj", "pose_guider", "reference_unet", "denoising_unet", "vae", "clip", "decoder"):
             if getattr(self, name) is not None:
-                getattr(self, name).to(self.device, self.dtype)
-        return self
-
-
-def stage2_builders(cfg: MMGTConfig) -> Dict[str, callable]:
-    """Constructors of the net-32500 networks (used for meta-device layout checks too)."""
-    return {
-        "reference_unet": lambda: ReferenceNet(cfg.unet),
-        "denoising_unet": lambda: UNet3D(cfg.unet),
-        "pose_guider": lambda: PoseGuider(cfg.pose_guider),
-        "audioproj": lambda: AudioProjModel(cfg.audio_proj),
-    }
+                getattr(self, name).to(device, dtype)
+        return dataclasses.replace(self, device=device, dtype=dtype)
 
 
 def _randomise_zero_init(module: nn.Module, generator: torch.Generator, std: float = 0.05) -> int:
@@ -114,7 +150,8 @@ def _randomise_zero_init(module: nn.Module, generator: torch.Generator, std: flo
     return changed
 
 
-def build_models(cfg: MMGTConfig, device="cpu", dtype: torch.dtype = torch.float32) -> ModelSet:
+def build_models(cfg: MMGTConfig, device="cpu", dtype: torch.dtype = torch.float32,
+                 shapes: Optional[Shapes] = None) -> ModelSet:
     """Every network with seeded random weights (the untrained presets: runs anywhere, no download)."""
     seed = cfg.seed
     gen = torch.Generator().manual_seed(seed + 1000)
@@ -127,14 +164,13 @@ def build_models(cfg: MMGTConfig, device="cpu", dtype: torch.dtype = torch.float
     for module in parts.values():  # outside the device context: the CPU generator draws on the CPU
         _randomise_zero_init(module, gen)
     with where:
-        models = ModelSet(
-            cfg=cfg, smga=build_smga(cfg.smga, seed=seed), wavlm=build_wavlm(cfg.wavlm, seed=seed + 1),
-            wav2vec2=build_wav2vec2(cfg.wav2vec2, seed=seed + 2), vae=build_vae(cfg.vae, seed=seed + 3),
-            clip=build_clip(cfg.clip, seed=seed + 4), **parts)
-    for m in (models.audioproj, models.pose_guider, models.reference_unet, models.denoising_unet):
+        modules = dict(smga=build_smga(cfg.smga, seed=seed), wavlm=build_wavlm(cfg.wavlm, seed=seed + 1),
+                       wav2vec2=build_wav2vec2(cfg.wav2vec2, seed=seed + 2), vae=build_vae(cfg.vae, seed=seed + 3),
+                       clip=build_clip(cfg.clip, seed=seed + 4), **parts)
+    for m in parts.values():
         m.eval()
     log.info("built %s preset with seeded random weights (%s)", cfg.name, UNTRAINED_NOTE)
-    return models.to(device, dtype)
+    return ModelSet(cfg=cfg, shapes=shapes, **modules).to(device, dtype)
 
 
 def _need(path: Path, what: str) -> Path:
@@ -146,8 +182,6 @@ def _need(path: Path, what: str) -> Path:
 
 def check_unet_config(path: Path, cfg: MMGTConfig) -> None:
     """The SD1.5 unet/config.json must describe the UNet our config builds."""
-    import json
-
     data = json.loads(_need(path, "SD1.5 UNet config").read_text())
     expect = {"block_out_channels": list(cfg.unet.block_out_channels), "layers_per_block": cfg.unet.layers_per_block,
               "cross_attention_dim": cfg.unet.cross_attention_dim, "in_channels": cfg.unet.in_channels}
@@ -157,7 +191,8 @@ def check_unet_config(path: Path, cfg: MMGTConfig) -> None:
                            + ", ".join(f"{k} file {a} vs preset {b}" for k, (a, b) in bad.items()))
 
 
-def load_models(weights_dir, cfg: MMGTConfig = MMGT, device="cpu", dtype: torch.dtype = torch.float32) -> ModelSet:
+def load_models(weights_dir, cfg: MMGTConfig = MMGT, device="cpu", dtype: torch.dtype = torch.float32,
+                shapes: Optional[Shapes] = None) -> ModelSet:
     """Every network from the release layout under ``weights_dir`` (strict; nothing is downloaded)."""
     layout = ReleaseLayout(Path(weights_dir))
     if not layout.root.is_dir():
@@ -169,7 +204,7 @@ def load_models(weights_dir, cfg: MMGTConfig = MMGT, device="cpu", dtype: torch.
     # 2. Stage II trained weights, then the frozen encoders
     parts = {name: build() for name, build in stage2_builders(cfg).items()}
     load_stage2(parts, _need(layout.net, "Stage II checkpoint"))
-    models = ModelSet(cfg=cfg, smga=smga, wavlm=wavlm,
+    models = ModelSet(cfg=cfg, smga=smga, wavlm=wavlm, shapes=shapes,
                       wav2vec2=load_wav2vec2(_need(layout.wav2vec2, "wav2vec2-base-960h"), cfg.wav2vec2),
                       vae=load_vae(_need(layout.vae, "sd-vae-ft-mse")),
                       clip=load_clip(_need(layout.image_encoder, "CLIP image encoder")), **parts)
@@ -180,8 +215,6 @@ def load_models(weights_dir, cfg: MMGTConfig = MMGT, device="cpu", dtype: torch.
 def save_models(models: ModelSet, root) -> ReleaseLayout:
     """Write a model set in the release layout (what ``load_models`` reads): for tests, and to turn a converted or
     fine-tuned set into a directory ``--weights`` accepts. WavLM is written as a transformers directory."""
-    import json
-
     from .weights import save_smga, save_stage2
 
     layout = ReleaseLayout(Path(root))
@@ -204,14 +237,16 @@ def save_models(models: ModelSet, root) -> ReleaseLayout:
 # ----------------------------------------------------------------------------------------------------------------
 # The avatar: everything that depends on the reference image only (computed once, reused by every window)
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Avatar:
+    """A prepared reference image: data, not module state. Any number of avatars share one ModelSet."""
+
     image: np.ndarray  # (R, R, 3) uint8 reference at render resolution
     init_pose: np.ndarray  # (134, 3) pixel keypoints of the reference on the 512 canvas
     pose_method: str  # "pose_file" | "dwpose" | "template"
-    context: torch.Tensor  # (1, 1, D) CLIP image embedding
+    context: torch.Tensor  # (1, 1, D) CLIP image embedding, on the model's device and dtype
     ref_latent: torch.Tensor  # (1, 4, h, w) VAE mean latent x scaling factor
-    bank: Tuple[torch.Tensor, ...]  # ReferenceNet attention bank, denoiser read order
+    bank: Tuple[torch.Tensor, ...]  # ReferenceNet attention bank, denoiser read order, each (1, tokens, C)
 
 
 def square_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -232,12 +267,15 @@ def square_image(image: np.ndarray, size: int) -> np.ndarray:
 @torch.no_grad()
 def prepare_avatar(models: ModelSet, image: np.ndarray, pose_file=None, weights_dir=None) -> Avatar:
     """Reference image -> Avatar: initial pose, CLIP context, reference latent and the ReferenceNet bank."""
-    cfg = models.cfg
-    img = square_image(image, cfg.resolution)  # (R, R, 3)
+    dev, dt = models.device, models.dtype
+    img = square_image(image, models.cfg.resolution)  # (R, R, 3)
     kps, method = initial_pose(square_image(image, K.CANVAS), weights_dir=weights_dir, pose_file=pose_file)
-    context = clip_embed(models.clip, img).to(models.device, models.dtype)  # (1, 1, D)
-    ref_latent = encode_reference(models.vae, img).to(models.device, models.dtype)  # (1, 4, h, w)
-    bank = tuple(models.reference_unet(ref_latent, context))
+    pixels = clip_preprocess(img, models.cfg.clip.image_size).to(dev, dt)  # (1, 3, 224, 224)
+    context = models.call("image_encoder", {"pixels": pixels})["context"].to(dev, dt)  # (1, 1, D)
+    image_in = image_to_tensor(img).to(dev, dt)  # (1, 3, R, R) in [-1, 1]
+    ref_latent = models.call("vae_encoder", {"image": image_in})["latent"].to(dev, dt)  # (1, 4, h, w)
+    out = models.call("reference_unet", {"latent": ref_latent, "context": context})
+    bank = tuple(out[bank_name(i)].to(dev, dt) for i in range(len(out)))
     return Avatar(image=img, init_pose=kps.astype(np.float32), pose_method=method, context=context,
                   ref_latent=ref_latent, bank=bank)
 
@@ -245,10 +283,22 @@ def prepare_avatar(models: ModelSet, image: np.ndarray, pose_file=None, weights_
 # ----------------------------------------------------------------------------------------------------------------
 # Stage I
 # ----------------------------------------------------------------------------------------------------------------
+def _frames_of_wave(wav16k: np.ndarray, n_frames: int) -> torch.Tensor:
+    """A 16 kHz waveform as the speech encoders take it: (1, n_frames, 640) float32, zero-padded or cut to whole
+    frames (frame f covers samples [640 f, 640 (f + 1)))."""
+    wav = np.asarray(wav16k, np.float32).reshape(-1)
+    out = np.zeros(n_frames * SAMPLES_PER_FRAME, np.float32)
+    out[:min(len(wav), len(out))] = wav[:len(out)]
+    return torch.from_numpy(out).reshape(1, n_frames, SAMPLES_PER_FRAME)
+
+
 @torch.no_grad()
 def smga_condition(models: ModelSet, wav16k: np.ndarray, n_frames: int) -> torch.Tensor:
-    """(n_frames, audio_dim) SMGA audio condition of a waveform span (WavLM + librosa)."""
-    return _smga_condition(models.wavlm, wav16k, n_frames).to(models.device, torch.float32)
+    """(n_frames, audio_dim) SMGA audio condition of a waveform span: WavLM features ++ librosa features."""
+    wave = _frames_of_wave(wav16k, n_frames)  # (1, F, 640)
+    wavlm = models.call("wavlm", {"wave": wave.to(models.device)})["features"].float()  # (F, H)
+    extra = torch.from_numpy(librosa_features(wave.reshape(-1).numpy(), n_frames)).to(wavlm.device)  # (F, 35)
+    return torch.cat([wavlm, extra], dim=1)  # (F, H + 35)
 
 
 @torch.no_grad()
@@ -256,21 +306,42 @@ def generate_poses(models: ModelSet, cond: torch.Tensor, init_pose: np.ndarray, 
                    guidance: Optional[float] = None, generator: Optional[torch.Generator] = None) -> np.ndarray:
     """One SMGA window: (W, audio_dim) condition + initial pose (402,) in SMGA space -> (W, 402) SMGA-space poses.
 
-    The first window starts from the reference image's pose (``keypoints.pixel_to_smga``); window k+1 from the
-    last frame of window k (``smga.continue_from``)."""
-    init = torch.as_tensor(np.asarray(init_pose, np.float32).reshape(1, -1), device=models.device)  # (1, 402)
-    out = SMGADiffusion(models.cfg.smga).sample(models.smga, cond[None].float(), init, steps=steps,
-                                                guidance=guidance, generator=generator,
-                                                denoise=models.smga_denoise)  # (1, W, 402)
+    The condition is encoded once (``smga_condition``), then every DDIM step is one ``smga_denoise`` call. The first
+    window starts from the reference image's pose (``keypoints.pixel_to_smga``); window k+1 from the last frame of
+    window k (``smga.continue_from``)."""
+    guidance = models.cfg.smga.guidance if guidance is None else float(guidance)
+    if (guidance != 1.0) != (models.shapes.smga_batch == 2):
+        raise ValueError(f"generate_poses: SMGA guidance {guidance} needs the model set's calls prepared for it "
+                         f"(they take batch {models.shapes.smga_batch}); make the model set with this smga_guidance")
+    dev = models.device
+    window = cond.shape[0]
+    init = torch.as_tensor(np.asarray(init_pose, np.float32).reshape(1, -1), device=dev)  # (1, 402)
+    encoded = models.call("smga_condition", {"cond": cond[None].to(dev, torch.float32)})  # tokens, hidden
+    extra = {"guidance": torch.tensor([guidance], device=dev)} if guidance != 1.0 else {}
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        feeds = {"x_t": x, "t": t.float(), "init_pose": init, **encoded, **extra}
+        return models.call("smga_denoise", feeds)["x0"]  # (1, W, 402)
+
+    out = SMGADiffusion(models.cfg.smga).sample_encoded(denoise, 1, window, dev, steps=steps,
+                                                         generator=generator)  # (1, W, 402)
     return out[0].float().cpu().numpy()
 
 
-def pose_conditions(cfg: MMGTConfig, kps_px: np.ndarray) -> Tuple[np.ndarray, Dict[str, List[np.ndarray]]]:
-    """(F, 134, 3) pixel keypoints -> pose frames uint8 (F, R, R, 3) and masks {full, face, lip}: [(F, l*l)]."""
-    unit = K.pixel_to_unit(K.apply_validity(kps_px))  # (F, 134, 3)
+def pose_conditions(cfg: MMGTConfig, kps_px: np.ndarray) -> Tuple[np.ndarray, Tuple[np.ndarray, ...]]:
+    """(F, 134, 3) pixel keypoints -> pose frames uint8 (F, R, R, 3) and motion masks per level (F, 3, l*l).
+
+    The keypoints are drawn as given: a pose that SMGA generated keeps its predicted neck (the neck is recomputed
+    from the shoulders only when a pose is detected in an image, mmgt.init_pose); points under the score threshold
+    are left out by the drawing and the masks themselves."""
+    unit = K.pixel_to_unit(kps_px)  # (F, 134, 3)
     frames = render_poses(unit, size=K.CANVAS, out_size=cfg.resolution)
-    masks = motion_masks(unit, levels=cfg.mask_levels)
-    return frames, masks
+    return frames, motion_masks(unit, levels=cfg.mask_levels)
+
+
+def unet_masks(cfg: MMGTConfig, masks: Sequence[np.ndarray]) -> Tuple[np.ndarray, ...]:
+    """The mask levels the UNet3D reads (one per MM-HAA down block), out of ``pose_conditions``' levels."""
+    return tuple(masks[lv.level] for lv in audio_mask_levels(cfg.unet, cfg.latent_size))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,10 +349,13 @@ def pose_conditions(cfg: MMGTConfig, kps_px: np.ndarray) -> Tuple[np.ndarray, Di
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def audio_tokens(models: ModelSet, wav16k: np.ndarray, n_frames: int) -> torch.Tensor:
-    """(n_frames, tokens, D) MM-HAA audio tokens of a waveform span (wav2vec2 -> +-2 frames -> projection)."""
-    feats = wav2vec2_features(models.wav2vec2, wav16k, n_frames)  # (F, L, C)
+    """(n_frames, tokens, D) MM-HAA audio tokens of a waveform span, on the model's device and dtype.
+
+    wav2vec2 (every layer, 25 fps) -> +-2 frame windows -> audio projection."""
+    wave = _frames_of_wave(wav16k, n_frames).to(models.device)  # (1, F, 640)
+    feats = models.call("wav2vec2", {"wave": wave})["hidden_states"]  # (F, L, C)
     win = audio_windows(feats).to(models.device, models.dtype)  # (F, 5, L, C)
-    return models.audioproj(win[None])[0]  # (F, T, D)
+    return models.call("audio_proj", {"audio_windows": win[None]})["audio_tokens"][0].to(models.dtype)  # (F, T, D)
 
 
 def upload(x, device) -> torch.Tensor:
@@ -296,18 +370,41 @@ def upload(x, device) -> torch.Tensor:
     return t.to(device)
 
 
-def _masks_to_tensors(masks: Dict[str, List[np.ndarray]], device, dtype) -> Dict[str, List[torch.Tensor]]:
-    return {b: [upload(m, device)[None].to(dtype) for m in masks[b]] for b in BRANCHES}  # each (1, F, l*l)
+@dataclass(frozen=True, eq=False)
+class StageIIChunk:
+    """Everything one render chunk of C frames needs beyond the avatar: the one object the runner hands Stage II.
+
+    Window arrays are sliced for the chunk (no per-frame lists); the audio tokens are already on the model's device.
+    """
+
+    index: int  # chunk number j (scheduler RenderChunk.index)
+    first_frame: int  # global frame of local frame 0 (seeds the per-frame noise)
+    pose_frames: np.ndarray  # (C, R, R, 3) uint8 skeleton drawings
+    masks: Tuple[np.ndarray, ...]  # one per MM-HAA level (unet_masks): (C, 3, h_l*w_l) float32
+    audio_tokens: torch.Tensor  # (C, T, D) on the model's device
+    known: Optional[torch.Tensor] = None  # (1, 4, O, h, w) final latents of the first O frames, from the previous chunk
+    emit_from: int = 0  # local frames [emit_from, emit_to) are new: decode turns them into output
+    emit_to: int = 0
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.pose_frames.shape[0])
 
 
-@dataclass
-class ChunkInputs:
-    """What one Stage II chunk needs beyond the avatar (all for the chunk's C frames)."""
+@dataclass(frozen=True, eq=False)
+class StageIIResult:
+    """Stage II's output for one chunk, the one object decode takes."""
 
-    pose_frames: np.ndarray  # (C, R, R, 3) uint8
-    masks: Dict[str, List[np.ndarray]]  # {full, face, lip}: per level (C, l*l) float32
-    audio_tokens: torch.Tensor  # (C, T, D)
-    first_frame: int  # global index of local frame 0 (seeds the per-frame noise)
+    index: int  # the chunk's number
+    first_frame: int  # global frame of latents' local frame 0
+    latents: torch.Tensor  # (1, 4, C, h, w) final latents (on a GPU: possibly still being computed on its stream)
+    emit_from: int  # local frames [emit_from, emit_to) become output frames
+    emit_to: int
+    ready: Optional[object] = None  # GPU: a CUDA event on Stage II's stream after which ``latents`` exist
+
+    @property
+    def new_latents(self) -> torch.Tensor:
+        return self.latents[:, :, self.emit_from:self.emit_to]  # (1, 4, n_new, h, w)
 
 
 def frame_noise(shape_per_frame: Sequence[int], first_frame: int, n_frames: int, seed: int) -> torch.Tensor:
@@ -327,54 +424,64 @@ def _schedule(sampler, steps: int, device: str) -> DDIMSchedule:
 
 
 @torch.no_grad()
-def render_chunk(models: ModelSet, avatar: Avatar, inputs: ChunkInputs, steps: int, guidance: float, seed: int,
-                 known: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Denoise one chunk of C <= 32 frames; returns its final latents (1, 4, C, h, w).
+def render_chunk(models: ModelSet, avatar: Avatar, chunk: StageIIChunk, steps: int, guidance: float,
+                 seed: int) -> StageIIResult:
+    """Denoise one chunk of C <= 32 frames; returns its final latents (1, 4, C, h, w) as a StageIIResult.
 
-    ``known`` (1, 4, O, h, w): final latents of the first O frames from the previous chunk. At every step they are
-    re-noised to the current timestep and replace the chunk's own overlap latents, so the new frames are denoised
-    in the context of frames already shown and the chunks join without a seam.
+    ``chunk.known`` (1, 4, O, h, w): at every step those final latents of the previous chunk are re-noised to the
+    current timestep and replace the chunk's own overlap latents, so the new frames are denoised in the context of
+    frames already shown and the chunks join without a seam.
     """
     cfg, dev, dt = models.cfg, models.device, models.dtype
-    n = len(inputs.pose_frames)
-    sched = _schedule(cfg.sampler, steps, str(dev))
     cfg_on = guidance != 1.0
+    if cfg_on != (models.shapes.unet_batch == 2):
+        raise ValueError(f"render_chunk: guidance {guidance} needs the model set's calls prepared for it (they take "
+                         f"denoiser batch {models.shapes.unet_batch}); make the model set with this guidance")
+    n = chunk.n_frames
+    sched = _schedule(cfg.sampler, steps, str(dev))
     # 1. Conditions: pose features, masks, audio tokens (CFG: unconditional audio and CLIP context are zeros)
-    pose = upload(inputs.pose_frames, dev).permute(3, 0, 1, 2)[None].to(dt) / 255.0  # (1, 3, C, R, R)
-    pose_feat = models.pose_guider(pose)  # (1, C0, C, h, w)
-    masks = _masks_to_tensors(inputs.masks, dev, dt)
-    tokens = upload(inputs.audio_tokens, dev).to(dt)[None]  # (1, C, T, D)
+    pose = upload(chunk.pose_frames, dev).permute(3, 0, 1, 2)[None].to(dt) / 255.0  # (1, 3, C, R, R)
+    pose_feat = models.call("pose_guider", {"pose": pose})["pose_features"].to(dt)  # (1, C0, C, h, w)
+    masks = [upload(m, dev)[None].to(dt) for m in chunk.masks]  # each (1, C, 3, h_l*w_l)
+    tokens = chunk.audio_tokens.to(dev, dt)[None]  # (1, C, T, D)
     context = avatar.context
     if cfg_on:
         pose_feat = torch.cat([pose_feat, pose_feat])
-        masks = {b: [torch.cat([m, m]) for m in v] for b, v in masks.items()}
+        masks = [torch.cat([m, m]) for m in masks]
         tokens = torch.cat([torch.zeros_like(tokens), tokens])
         context = torch.cat([torch.zeros_like(context), context])
+    levels = audio_mask_levels(cfg.unet, cfg.latent_size)
+    feeds = {"context": context, "pose_features": pose_feat, "audio_tokens": tokens,
+             **{mask_name(lv.level): m for lv, m in zip(levels, masks)},
+             **{bank_name(i): t for i, t in enumerate(avatar.bank)}}
     # 2. Noise per global frame (chunking-independent), then DDIM
-    lat_h = lat_w = cfg.latent_size
-    noise = upload(frame_noise((cfg.unet.in_channels, lat_h, lat_w), inputs.first_frame, n, seed), dev).to(dt)
+    noise = upload(frame_noise((cfg.unet.in_channels, cfg.latent_size, cfg.latent_size), chunk.first_frame, n,
+                               seed), dev).to(dt)
     x = noise.clone()  # (1, 4, C, h, w)
+    known = None if chunk.known is None else chunk.known.to(dt)
     n_known = 0 if known is None else known.shape[2]
     for i, t in enumerate(_schedule(cfg.sampler, steps, "cpu").timesteps.tolist()):  # host ints: no device read
         if n_known:  # overlap frames follow the previous chunk's result, re-noised to this step
-            x[:, :, :n_known] = sched.add_noise(known.to(dt), noise[:, :, :n_known], t)
-        inp = torch.cat([x, x]) if cfg_on else x
-        out = models.denoising_unet(inp, torch.full((inp.shape[0],), t, device=dev), context, pose_features=pose_feat,
-                                    audio_tokens=tokens, masks=masks, bank=avatar.bank,
-                                    uncond_rows=1 if cfg_on else 0)  # (B, 4, C, h, w)
+            x[:, :, :n_known] = sched.add_noise(known, noise[:, :, :n_known], t)
+        sample = torch.cat([x, x]) if cfg_on else x
+        timestep = torch.full((sample.shape[0],), float(t), device=dev)  # (B,) float32, as the contract says
+        out = models.call("denoising_unet", {"sample": sample, "timestep": timestep, **feeds})["v"].to(dt)
         if cfg_on:
             out = out[:1] + guidance * (out[1:] - out[:1])
         x = sched.step(out, i, x)
     if n_known:
-        x[:, :, :n_known] = known.to(dt)
-    return x
+        x[:, :, :n_known] = known
+    return StageIIResult(index=chunk.index, first_frame=chunk.first_frame, latents=x, emit_from=chunk.emit_from,
+                         emit_to=chunk.emit_to)
 
 
 @torch.no_grad()
 def decode(models: ModelSet, latents: torch.Tensor) -> np.ndarray:
-    """(1, 4, F, h, w) latents -> (F, R, R, 3) uint8 frames."""
-    frames = decode_latents(models.decoder or models.vae, latents.to(models.dtype))  # (1, 3, F, R, R) in [0, 1]
-    return to_uint8(frames[0].permute(1, 0, 2, 3))  # (F, R, R, 3)
+    """(1, 4, F, h, w) diffusion-scale latents -> (F, R, R, 3) uint8 frames (one ``vae_decoder`` call; the decoder
+    takes diffusion-scale latents and returns [0, 1] frames, so nothing is rescaled around it)."""
+    flat = latents[0].permute(1, 0, 2, 3).to(models.dtype)  # (F, 4, h, w)
+    frames = models.call("vae_decoder", {"latents": flat})["frames"]  # (F, 3, R, R) in [0, 1]
+    return to_uint8(frames)  # (F, R, R, 3), converted where the frames are
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -411,20 +518,22 @@ class MMGTPipeline:
         guidance = cfg.sampler.guidance if guidance is None else guidance
         n = len(kps_px)
         frames, masks = pose_conditions(cfg, kps_px)
+        masks = unet_masks(cfg, masks)
         tokens = audio_tokens(self.models, wav16k, n)  # (F, T, D)
-        out, known, start = [], None, 0
+        out, known, start, j = [], None, 0, 0
         while True:
             end = min(start + self.chunk, n)
             idx = np.arange(start, start + self.chunk).clip(max=n - 1)  # pad the last chunk with its last frame
-            inputs = ChunkInputs(pose_frames=frames[idx], masks={b: [m[idx] for m in v] for b, v in masks.items()},
-                                 audio_tokens=tokens[torch.from_numpy(idx)], first_frame=start)
-            lat = render_chunk(self.models, avatar, inputs, steps, guidance, seed, known)
             new_from = 0 if known is None else known.shape[2]
-            out.append(decode(self.models, lat[:, :, new_from:end - start]))
+            chunk = StageIIChunk(index=j, first_frame=start, pose_frames=frames[idx], masks=tuple(m[idx] for m in masks),
+                                 audio_tokens=tokens[torch.from_numpy(idx).to(tokens.device)], known=known,
+                                 emit_from=new_from, emit_to=end - start)
+            result = render_chunk(self.models, avatar, chunk, steps, guidance, seed)
+            out.append(decode(self.models, result.new_latents))
             if end >= n:
                 break
-            known = lat[:, :, end - start - self.overlap:end - start]
-            start = end - self.overlap
+            known = result.latents[:, :, end - start - self.overlap:end - start]
+            start, j = end - self.overlap, j + 1
         return np.concatenate(out)
 
     def __call__(self, image: np.ndarray, wav16k: np.ndarray, steps=None, guidance=None, seed: int = 0,
@@ -433,6 +542,12 @@ class MMGTPipeline:
         """One window: (R, R, 3) frames for the audio (or for ``keypoints``: the pose-driven variant)."""
         avatar = prepare_avatar(self.models, image, pose_file=pose_file)
         n = len(keypoints) if keypoints is not None else min(self.models.cfg.smga.window,
-                                                              max(1, round(len(wav16k) * FPS / 16000)))
+                                                              max(1, frames_for_samples(len(wav16k))))
         kps = keypoints if keypoints is not None else self.poses(avatar, wav16k, n, smga_steps, smga_guidance, seed)
         return self.render(avatar, kps, wav16k, steps, guidance, seed)
+
+
+__all__ = ["UNTRAINED_NOTE", "ModelSet", "build_models", "load_models", "save_models", "check_unet_config", "Avatar",
+           "square_image", "prepare_avatar", "smga_condition", "generate_poses", "pose_conditions", "unet_masks",
+           "audio_tokens", "upload", "StageIIChunk", "StageIIResult", "frame_noise", "render_chunk", "decode",
+           "MMGTPipeline"]

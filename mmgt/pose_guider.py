@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmgt.config import PoseGuiderConfig
+from mmgt.config import MMGTConfig, PoseGuiderConfig
+from mmgt.contract import Contract, Shapes, tensor
 
 
 class InflatedConv2d(nn.Conv2d):
@@ -76,4 +77,15 @@ class PoseGuider(nn.Module):
         return self.conv_out(h)  # (B, embedding_channels, F, H/8, W/8)
 
 
-__all__ = ["InflatedConv2d", "PoseGuider"]
+def pose_guider_contract(cfg: MMGTConfig, shapes: Shapes) -> Contract:
+    """pose_guider: a render chunk's pose frames -> the features added after the denoiser's conv_in."""
+    pg, c, r, h = cfg.pose_guider, shapes.chunk, shapes.resolution, shapes.latent
+    return Contract(
+        "pose_guider", "PoseGuider: pose frames in [0, 1] -> features added after conv_in",
+        inputs=(tensor("pose", (1, pg.conditioning_channels, c, r, r), 0, 1),),
+        outputs=(tensor("pose_features", (1, pg.embedding_channels, c, h, h)),),
+        module=lambda m: m.pose_guider, weights=("pose_guider",), config_sections=("pose_guider",),
+        shape_fields=("chunk", "resolution"))
+
+
+__all__ = ["InflatedConv2d", "PoseGuider", "pose_guider_contract"]

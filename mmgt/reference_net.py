@@ -1,23 +1,25 @@
 """ReferenceNet: an SD1.5 UNet2D (no conv_norm_out / conv_out) run once per avatar to fill the reference bank.
 
 It runs at t = 0 on the reference image's VAE mean latent x 0.18215 with the CLIP image embedding as context.
-Every spatial transformer block's self-attention input, norm1(hidden), is recorded; the bank is returned as a
-tuple in ``reference_bank_layout`` order, which is the order the denoiser's ``UNet3D`` reads it. The blocks are
+Every spatial transformer block's self-attention input, norm1(hidden), is written into a list made for that call
+(``cross_attention_kwargs["bank_out"]``, mmgt.attention) and returned as a tuple in ``reference_bank_layout`` order,
+the order the denoiser's ``UNet3D`` reads it. Nothing is kept on the module: threads may share one ReferenceNet. The blocks are
 diffusers' own (taken from a ``UNet2DConditionModel`` built from the ``UNetConfig``), so ``state_dict()`` has the
 release's ``reference_unet.`` key names without the prefix.
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from mmgt.attention import BankRecorder, ReferenceWriteProcessor, check_backend, set_attention_backend
-from mmgt.config import UNetConfig
-from mmgt.unet3d import BankEntry, reference_bank_layout
+from mmgt.attention import ReferenceWriteProcessor, check_backend, set_attention_backend
+from mmgt.config import MMGTConfig, UNetConfig
+from mmgt.contract import Contract, Shapes, tensor
+from mmgt.unet3d import BankEntry, bank_name, reference_bank_layout
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +55,12 @@ class ReferenceNet(nn.Module):
 
         set_attention_backend(self, backend)
         self.bank_names = tuple(entry.name for entry in reference_bank_layout(cfg, 1))  # names only: size unused
-        self.recorder = BankRecorder(len(self.bank_names))
         for index, name in enumerate(self.bank_names):
-            self.get_submodule(name).attn1.set_processor(ReferenceWriteProcessor(index, self.recorder, backend))
+            self.get_submodule(name).attn1.set_processor(ReferenceWriteProcessor(index, backend))
 
     def bank_layout(self, latent_h: int, latent_w: Optional[int] = None) -> Tuple[BankEntry, ...]:
         """Names and shapes of the bank this network returns for a latent of that size."""
         return reference_bank_layout(self.cfg, latent_h, latent_w)
-
-    def set_attention_backend(self, backend: str) -> None:
-        """Switch every attention layer to "sdpa" or "export" math (weights and bank wiring unchanged)."""
-        set_attention_backend(self, backend)
 
     def forward(self, latent: torch.Tensor, context: torch.Tensor,
                 timestep: Union[torch.Tensor, float, int] = 0) -> Tuple[torch.Tensor, ...]:
@@ -80,30 +77,59 @@ class ReferenceNet(nn.Module):
         up_factor = 2 ** (len(self.up_blocks) - 1)
         force_size = height % up_factor != 0 or width % up_factor != 0
 
-        with self.recorder.recording():
-            # 2. Down blocks, keeping the skips
-            hidden = self.conv_in(latent)  # (B, C0, h, w)
-            skips: Tuple[torch.Tensor, ...] = (hidden,)
-            for block in self.down_blocks:
-                if getattr(block, "has_cross_attention", False):
-                    hidden, block_skips = block(hidden_states=hidden, temb=emb, encoder_hidden_states=context)
-                else:
-                    hidden, block_skips = block(hidden_states=hidden, temb=emb)
-                skips += block_skips
-            # 3. Mid block
-            hidden = self.mid_block(hidden, emb, encoder_hidden_states=context)
-            # 4. Up blocks (the last one still runs: its transformer blocks write bank entries)
-            for k, block in enumerate(self.up_blocks):
-                count = len(block.resnets)
-                block_skips, skips = skips[-count:], skips[:-count]
-                size = tuple(skips[-1].shape[-2:]) if force_size and k < len(self.up_blocks) - 1 else None
-                if getattr(block, "has_cross_attention", False):
-                    hidden = block(hidden_states=hidden, res_hidden_states_tuple=block_skips, temb=emb,
-                                   encoder_hidden_states=context, upsample_size=size)
-                else:
-                    hidden = block(hidden_states=hidden, res_hidden_states_tuple=block_skips, temb=emb,
-                                   upsample_size=size)
-            return self.recorder.collect()
+        bank_out: List[Optional[torch.Tensor]] = [None] * len(self.bank_names)  # this call's bank, filled by attn1
+        kwargs = {"bank_out": bank_out}
+        # 2. Down blocks, keeping the skips
+        hidden = self.conv_in(latent)  # (B, C0, h, w)
+        skips: Tuple[torch.Tensor, ...] = (hidden,)
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                hidden, block_skips = block(hidden_states=hidden, temb=emb, encoder_hidden_states=context,
+                                            cross_attention_kwargs=kwargs)
+            else:
+                hidden, block_skips = block(hidden_states=hidden, temb=emb)
+            skips += block_skips
+        # 3. Mid block
+        hidden = self.mid_block(hidden, emb, encoder_hidden_states=context, cross_attention_kwargs=kwargs)
+        # 4. Up blocks (the last one still runs: its transformer blocks write bank entries)
+        for k, block in enumerate(self.up_blocks):
+            count = len(block.resnets)
+            block_skips, skips = skips[-count:], skips[:-count]
+            size = tuple(skips[-1].shape[-2:]) if force_size and k < len(self.up_blocks) - 1 else None
+            if getattr(block, "has_cross_attention", False):
+                hidden = block(hidden_states=hidden, res_hidden_states_tuple=block_skips, temb=emb,
+                               encoder_hidden_states=context, cross_attention_kwargs=kwargs, upsample_size=size)
+            else:
+                hidden = block(hidden_states=hidden, res_hidden_states_tuple=block_skips, temb=emb,
+                               upsample_size=size)
+        missing = [self.bank_names[i] for i, t in enumerate(bank_out) if t is None]
+        if missing:
+            raise RuntimeError(f"mmgt.reference_net: bank entries {missing} were not written; the forward did not "
+                               "reach every transformer block")
+        return tuple(bank_out)
 
 
-__all__ = ["ReferenceNet"]
+class ReferenceBank(nn.Module):
+    """ReferenceNet at t = 0 as a contract call: (latent, context) -> the bank entries in the denoiser's read order."""
+
+    def __init__(self, reference_unet: ReferenceNet):
+        super().__init__()
+        self.reference_unet = reference_unet
+
+    def forward(self, latent, context):
+        return tuple(self.reference_unet(latent, context))  # each (1, h_l*w_l, C_l)
+
+
+def reference_contract(cfg: MMGTConfig, shapes: Shapes) -> Contract:
+    """reference_unet: the reference latent + CLIP context -> the attention bank (once per avatar)."""
+    u, h = cfg.unet, shapes.latent
+    bank = reference_bank_layout(u, h)
+    return Contract(
+        "reference_unet", "ReferenceNet at t = 0: reference latent + CLIP context -> attention bank",
+        inputs=(tensor("latent", (1, u.in_channels, h, h)), tensor("context", (1, 1, u.cross_attention_dim))),
+        outputs=tuple(tensor(bank_name(i), e.shape(1)) for i, e in enumerate(bank)),
+        module=lambda m: ReferenceBank(m.reference_unet), weights=("reference_unet",), config_sections=("unet",),
+        shape_fields=("resolution",), version=2, meta={"bank": [e.name for e in bank]})
+
+
+__all__ = ["ReferenceNet", "ReferenceBank", "reference_contract"]

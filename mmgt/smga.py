@@ -53,7 +53,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "RotaryEmbedding", "RotaryMultiheadAttention", "DenseFiLM", "CondEncoderLayer", "SplitFiLMDecoderLayer",
     "DecoderLayerStack", "SMGA", "SMGADiffusion", "cosine_betas", "ddim_time_pairs", "stream_masks",
-    "split_streams", "continue_from", "crossfade", "build_smga", "release_state_dict",
+    "split_streams", "continue_from", "crossfade", "build_smga", "release_state_dict", "SMGACondition",
+    "SMGADenoise", "smga_contracts",
 ]
 
 
@@ -464,45 +465,57 @@ class SMGADiffusion:
     @torch.no_grad()
     def sample(self, model: SMGA, cond: Tensor, init_pose: Tensor, steps: Optional[int] = None,
                guidance: Optional[float] = None, eta: Optional[float] = None,
-               generator: Optional[torch.Generator] = None, denoise: Optional[Callable[..., Tensor]] = None) -> Tensor:
-        """DDIM sampling of one window: cond (B, W, audio_dim), init_pose (B, 402) -> (B, W, 402) in [-1, 1].
+               generator: Optional[torch.Generator] = None) -> Tensor:
+        """DDIM sampling of one window with ``model``: cond (B, W, audio_dim), init_pose (B, 402) -> (B, W, 402).
 
-        Noise draws follow the reference order (x_T, then one draw per step except the last), so a generator
-        seeded like the reference's global RNG reproduces its samples. The audio condition is encoded once per
-        window; ``denoise`` stands in for ``model.guided_denoise`` (same signature; the engine passes a CUDA-graphed
-        replay of it).
+        The audio condition is encoded once per window (``guided_condition``), then ``sample_encoded`` runs the
+        steps with ``guided_denoise``. The engine calls ``sample_encoded`` with its own (named, backend) calls.
         """
-        steps = self.cfg.sample_steps if steps is None else steps
         guidance = self.cfg.guidance if guidance is None else float(guidance)
-        eta = self.cfg.eta if eta is None else float(eta)
         if cond.ndim != 3:
             raise ValueError(f"smga.sample: cond must be (B, W, audio_dim), got {tuple(cond.shape)}")
-        pairs = ddim_time_pairs(steps, self.num_timesteps)
         b, w = cond.shape[:2]
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
         cond = cond.to(device, dtype)
         init_pose = init_pose.to(device, dtype)
-        denoise = denoise or model.guided_denoise
+        model._check_inputs(torch.zeros(b, w, POSE_DIM, dtype=dtype, device=device),
+                            torch.zeros(b, dtype=torch.long, device=device), init_pose, cond)
+        tokens, hidden = model.guided_condition(cond, b, guidance)  # (B or 2B, W, D), (B or 2B, D): once per window
+
+        def denoise(x: Tensor, t: Tensor) -> Tensor:
+            return model.guided_denoise(x.to(dtype), t, init_pose, tokens, hidden, guidance)
+
+        return self.sample_encoded(denoise, b, w, device, steps=steps, eta=eta, generator=generator)
+
+    @torch.no_grad()
+    def sample_encoded(self, denoise: Callable[[Tensor, Tensor], Tensor], batch: int, window: int, device,
+                       steps: Optional[int] = None, eta: Optional[float] = None,
+                       generator: Optional[torch.Generator] = None) -> Tensor:
+        """The DDIM loop: ``denoise(x_t (B, W, 402) float32, t (B,) long) -> x0`` per step -> (B, W, 402) in [-1, 1].
+
+        ``denoise`` holds the encoded condition and the guidance (a closure over a model or over named calls).
+        Noise draws follow the reference order (x_T, then one draw per step except the last), so a generator seeded
+        like the reference's global RNG reproduces its samples.
+        """
+        steps = self.cfg.sample_steps if steps is None else steps
+        eta = self.cfg.eta if eta is None else float(eta)
+        pairs = ddim_time_pairs(steps, self.num_timesteps)
 
         def randn() -> Tensor:  # on the generator's device so a CPU generator works for any model device
             g_device = generator.device if generator is not None else device
-            return torch.randn((b, w, POSE_DIM), generator=generator, device=g_device).to(device)
+            return torch.randn((batch, window, POSE_DIM), generator=generator, device=g_device).to(device)
 
         x = randn()  # (B, W, 402) float32
-        model._check_inputs(x.to(dtype), torch.zeros(b, dtype=torch.long, device=device), init_pose, cond)
-        tokens, hidden = model.guided_condition(cond, b, guidance)  # (B or 2B, W, D), (B or 2B, D): once per window
         for t, t_next in pairs:
-            time = torch.full((b,), t, device=device, dtype=torch.long)
-            x0 = denoise(x.to(dtype), time, init_pose, tokens, hidden, guidance).float()  # (B, W, 402)
-            x0 = x0.clamp(-1.0, 1.0)
+            time = torch.full((batch,), t, device=device, dtype=torch.long)
+            x0 = denoise(x, time).float().clamp(-1.0, 1.0)  # (B, W, 402)
             if t_next < 0:
                 x = x0
                 continue
             noise = randn() if eta > 0 else None
             x = self.ddim_step(x, x0, t, t_next, eta, noise)
-        logger.debug("smga: sampled %d window(s) of %d frames with %d DDIM steps, guidance %.2f, eta %.2f",
-                     b, w, steps, guidance, eta)
+        logger.debug("smga: sampled %d window(s) of %d frames with %d DDIM steps, eta %.2f", batch, window, steps, eta)
         return x
 
     def to(self, device: Union[str, torch.device]) -> "SMGADiffusion":
@@ -570,3 +583,66 @@ def build_smga(cfg: Union[SMGAConfig, MMGTConfig], seed: Optional[int] = None) -
 def release_state_dict(model: SMGA) -> dict:
     """The release's `ema_state_dict` layout: the module's own keys already are the release names."""
     return model.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Contracts: the condition encoder (once per window) and one guided decoder step
+# ---------------------------------------------------------------------------------------------------------------
+
+class SMGACondition(nn.Module):
+    """Contract call: audio condition (1, W, audio_dim) -> encoded tokens (Bs, W, D) and hidden (Bs, D); with
+    guidance (Bs = 2) the null condition's row follows the audio's (what ``guided_denoise`` takes)."""
+
+    def __init__(self, smga: SMGA, batch: int):
+        super().__init__()
+        self.smga, self.batch = smga, batch
+
+    def forward(self, cond: Tensor) -> Tuple[Tensor, Tensor]:
+        tokens, hidden = self.smga.encode_condition(cond, cond.shape[0])  # (1, W, D), (1, D)
+        if self.batch == 1:
+            return tokens, hidden
+        null_tokens, null_hidden = self.smga.encode_condition(None, cond.shape[0])
+        return torch.cat([tokens, null_tokens.to(tokens.dtype)]), torch.cat([hidden, null_hidden.to(hidden.dtype)])
+
+
+class SMGADenoise(nn.Module):
+    """Contract call: one decoder step on an encoded condition: (x_t, t, init_pose, tokens, hidden[, guidance]) -> x0.
+    With the null row (guidance as an input, (1,)) both halves run in one pass: uncond + (cond - uncond) * guidance."""
+
+    def __init__(self, smga: SMGA):
+        super().__init__()
+        self.smga = smga
+
+    def forward(self, x_t: Tensor, t: Tensor, init_pose: Tensor, tokens: Tensor, hidden: Tensor,
+                guidance: Optional[Tensor] = None) -> Tensor:
+        weight = 1.0 if guidance is None else guidance.reshape(-1, 1, 1)
+        return self.smga.guided_denoise(x_t, t, init_pose, tokens, hidden, weight)  # (1, W, 402)
+
+
+def smga_contracts(cfg: MMGTConfig, shapes) -> Tuple:
+    """smga_condition and smga_denoise for these shapes; () when the window cannot hold the null condition.
+
+    Both export with the dynamo exporter: the TorchScript exporter mis-infers the rank of the rotary embedding's
+    output (``x * cos + rotate(x) * sin`` after ``unflatten``) and fails or writes a graph onnxruntime rejects.
+    """
+    from .contract import Contract, tensor
+
+    s, w, bs = cfg.smga, shapes.smga_window, shapes.smga_batch
+    if bs == 2 and w != s.window:
+        return ()  # the learned null condition has cfg.window tokens (contract_notes says so)
+    common = dict(weights=("smga",), config_sections=("smga",), shape_fields=("smga_window", "smga_batch"),
+                  exporter="dynamo", allow_fp16=False, version=2)
+    encoded = (tensor("tokens", (bs, w, s.latent_dim), dtype="float32"),
+               tensor("hidden", (bs, s.latent_dim), dtype="float32"))
+    condition = Contract(
+        "smga_condition", "SMGA condition encoder: audio condition -> encoded tokens (+ the null row under guidance)",
+        inputs=(tensor("cond", (1, w, s.audio_dim), dtype="float32"),), outputs=encoded,
+        module=lambda m: SMGACondition(m.smga, bs), **common)
+    denoise = Contract(
+        "smga_denoise", "SMGA decoder step on the encoded condition (x0 prediction, guided in one pass)",
+        inputs=(tensor("x_t", (1, w, POSE_DIM), dtype="float32"), tensor("t", (1,), 0, 999, "float32"),
+                tensor("init_pose", (1, POSE_DIM), -1, 1, "float32")) + encoded
+        + ((tensor("guidance", (1,), 2, 2, "float32"),) if bs == 2 else ()),
+        outputs=(tensor("x0", (1, w, POSE_DIM), dtype="float32"),),
+        module=lambda m: SMGADenoise(m.smga), **common)
+    return condition, denoise

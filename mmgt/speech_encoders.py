@@ -2,8 +2,9 @@
 
 Owns their config conversion and ``build_*`` / ``load_*`` (incl. unilm's WavLM-Large.pt, renamed with the
 ``WAVLM_UNILM_TO_HF`` / ``WAVLM_HF_TO_UNILM`` tables), the 25 fps feature paths and their tensor math
-(``wavlm_features`` / ``wavlm_hidden``, ``wav2vec2_features`` / ``wav2vec2_hidden``: also what ``engine export``
-traces) and ``smga_condition`` (WavLM features ++ librosa features, SMGA's audio condition):
+(``wavlm_features`` / ``wavlm_hidden``, ``wav2vec2_features`` / ``wav2vec2_hidden``) and the two networks'
+contracts (``speech_contracts``: how the pipeline, the backends and ``engine export`` call them by name). SMGA's
+audio condition (WavLM features ++ librosa features) is ``mmgt.pipeline.smga_condition``:
 
 Stage I (SMGA) condition, per 25 fps frame (``MMGT_SPEC.md`` section 2):
     WavLM last hidden state (50 fps, linearly resampled to 25 fps)  ++  35 librosa features (sr 12800, hop 512)
@@ -22,7 +23,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,8 @@ from torch import nn
 
 from mmgt.acoustic import librosa_features
 from mmgt.audio_io import PathLike, Waveform, _as_numpy_wave, _check_frames
-from mmgt.config import Wav2Vec2Config, WavLMConfig
+from mmgt.config import MMGTConfig, Wav2Vec2Config, WavLMConfig
+from mmgt.contract import SAMPLES_PER_FRAME, Contract, Dynamic, Shapes, tensor
 from mmgt.seeding import seeded
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
@@ -64,8 +66,11 @@ def _pad_to_receptive_field(x: torch.Tensor, config) -> torch.Tensor:
 
 
 def _resample_frames(feats: torch.Tensor, n_frames: int) -> torch.Tensor:
-    """(1, N, C) -> (1, n_frames, C): linear interpolation over time with align_corners=True (the reference)."""
-    out = F.interpolate(feats.transpose(1, 2), size=int(n_frames), mode="linear", align_corners=True)  # (1, C, T)
+    """(1, N, C) -> (1, n_frames, C): linear interpolation over time with align_corners=True (the reference).
+
+    ``n_frames`` is used as given (no ``int()``): while an export traces the contract, it is the wave's frame axis,
+    a dynamic size the graph must keep."""
+    out = F.interpolate(feats.transpose(1, 2), size=n_frames, mode="linear", align_corners=True)  # (1, C, T)
     return out.transpose(1, 2)  # (1, T, C)
 
 
@@ -357,14 +362,6 @@ def wavlm_hidden(model: "WavLMModel", x: torch.Tensor, n_frames: int, normalize:
     return _resample_frames(hidden, n_frames)[0]  # (n_frames, H)
 
 
-def smga_condition(wavlm_model: "WavLMModel", wav16k: Waveform, n_frames: int) -> torch.Tensor:
-    """SMGA's audio condition: cat(WavLM features, librosa features) -> (n_frames, hidden + 35) float32."""
-    wav = _as_numpy_wave(wav16k, "smga_condition")
-    wavlm = wavlm_features(wavlm_model, wav, n_frames)  # (T, H)
-    extra = torch.from_numpy(librosa_features(wav, n_frames)).to(wavlm.device)  # (T, 35)
-    return torch.cat([wavlm, extra], dim=1)  # (T, H + 35)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Stage II: wav2vec2 hidden states at 25 fps
 # ----------------------------------------------------------------------------------------------------------------
@@ -435,7 +432,7 @@ def wav2vec2_features(model: "Wav2Vec2Model", wav16k: Waveform, n_frames: int,
     x = _model_wave(wav16k, model, "wav2vec2_features")  # (1, L)
     if normalize is None:
         normalize = bool(getattr(model.config, "normalize_input", True))
-    return wav2vec2_hidden(model, x, n_frames, normalize)
+    return wav2vec2_hidden(model, x, int(n_frames), normalize)
 
 
 def wav2vec2_hidden(model: "Wav2Vec2Model", x: torch.Tensor, n_frames: int, normalize: bool) -> torch.Tensor:
@@ -485,7 +482,47 @@ def _encoder_layer_outputs(encoder: nn.Module, hidden: torch.Tensor, pre_norm: b
     return outputs
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Contracts: both encoders take whole frames of 16 kHz audio, (1, F, 640), and return 25 fps features
+# ----------------------------------------------------------------------------------------------------------------
+class SpeechFeatures(nn.Module):
+    """Contract call of a speech encoder: wave (1, F, 640) -> its 25 fps features, by this module's own tensor math
+    (``wavlm_hidden``: (F, hidden), the SMGA condition; ``wav2vec2_hidden``: (F, layers, hidden), every layer). The
+    frame count is the wave's frame axis, so one graph serves every length in its profile."""
+
+    def __init__(self, encoder: nn.Module, hidden: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.encoder, self.hidden = encoder, hidden
+        self.normalize = bool(getattr(encoder.config, "normalize_input", True))
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        n_frames = wave.shape[1]  # a dynamic size while tracing
+        return self.hidden(self.encoder, wave.reshape(1, -1), n_frames, self.normalize)
+
+
+def speech_contracts(cfg: MMGTConfig, shapes: Shapes) -> Tuple[Contract, Contract]:
+    """wavlm (a whole SMGA window, W frames) and wav2vec2 (any number of frames up to W: a live window's real audio
+    only). Both stay fp32."""
+    w = shapes.smga_window
+    frames = (Dynamic(0, 1, w, "frames"),)
+    wavlm = Contract(
+        "wavlm", "WavLM last hidden state at 25 fps (the SMGA condition without the librosa columns)",
+        inputs=(tensor("wave", (1, w, SAMPLES_PER_FRAME), dtype="float32"),),
+        outputs=(tensor("features", (w, cfg.wavlm.hidden_size), dtype="float32"),),
+        module=lambda m: SpeechFeatures(m.wavlm, wavlm_hidden), weights=("wavlm",), config_sections=("wavlm",),
+        shape_fields=("smga_window",), allow_fp16=False, version=2)
+    wav2vec2 = Contract(
+        "wav2vec2", "wav2vec2 hidden states of every layer at 25 fps (input of the audio projection)",
+        inputs=(tensor("wave", (1, w, SAMPLES_PER_FRAME), dtype="float32",
+                       dynamic=(Dynamic(1, 1, w, "frames"),)),),
+        outputs=(tensor("hidden_states", (w, cfg.wav2vec2.num_layers, cfg.wav2vec2.hidden_size), dtype="float32",
+                        dynamic=frames),),
+        module=lambda m: SpeechFeatures(m.wav2vec2, wav2vec2_hidden), weights=("wav2vec2",),
+        config_sections=("wav2vec2",), shape_fields=("smga_window",), allow_fp16=False, version=2)
+    return wavlm, wav2vec2
+
+
 __all__ = [
-    "WAVLM_UNILM_TO_HF", "WAVLM_HF_TO_UNILM", "remap_state_dict", "build_wavlm", "load_wavlm", "wavlm_features",
-    "wavlm_hidden", "smga_condition", "build_wav2vec2", "load_wav2vec2", "wav2vec2_features", "wav2vec2_hidden",
+    "SpeechFeatures", "speech_contracts", "WAVLM_UNILM_TO_HF", "WAVLM_HF_TO_UNILM", "remap_state_dict", "build_wavlm", "load_wavlm", "wavlm_features",
+    "wavlm_hidden", "build_wav2vec2", "load_wav2vec2", "wav2vec2_features", "wav2vec2_hidden",
 ]

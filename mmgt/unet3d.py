@@ -11,6 +11,10 @@ Per layer of a block: resnet -> spatial transformer (self-attn whose keys/values
 cross-attn to the CLIP context) -> MM-HAA audio module (down blocks in ``audio_blocks`` only) -> motion module.
 The mid block runs resnet, then (transformer -> motion module -> resnet) per layer, as the reference does.
 
+Stateless: the bank, masks, audio tokens and CFG layout are arguments of ``forward``; each transformer block gets
+its bank entry as a per-call attention argument (``cross_attention_kwargs={"reference": ReferenceRead(...)}``,
+mmgt.attention). Any number of threads may call one UNet3D at once, each with its own avatar.
+
 Building blocks come from diffusers where their key names are the release's: ResnetBlock2D, Transformer2DModel
 (BasicTransformerBlock), Downsample2D, Upsample2D, Timesteps, TimestepEmbedding.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers.models.downsampling import Downsample2D
@@ -28,14 +32,13 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from mmgt.attention import BankState, ReferenceReadProcessor, check_backend, set_attention_backend
-from mmgt.config import UNetConfig
-from mmgt.mmhaa import BRANCHES, MMHAA, audio_module_dims
+from mmgt.attention import ReferenceRead, ReferenceReadProcessor, check_backend, set_attention_backend
+from mmgt.config import MASK_BRANCHES, MMGTConfig, UNetConfig
+from mmgt.contract import Contract, Shapes, tensor
+from mmgt.mmhaa import MMHAA, audio_module_dims
 from mmgt.motion_module import MotionModule
 
 logger = logging.getLogger(__name__)
-
-MaskInput = Union[Mapping[str, Sequence[torch.Tensor]], Sequence[Sequence[torch.Tensor]]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,6 +118,16 @@ def reference_bank_layout(cfg: UNetConfig, latent_h: int, latent_w: Optional[int
     return tuple(entries)
 
 
+def bank_name(index: int) -> str:
+    """Tensor name of bank entry ``index`` (an output of reference_unet, an input of denoising_unet)."""
+    return f"bank_{index:02d}"
+
+
+def mask_name(level: int) -> str:
+    """Tensor name of the motion masks (full, face, lip on one axis) of mask level ``level``."""
+    return f"mask_{level}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Blocks
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,13 +154,27 @@ def _motion(cfg: UNetConfig, channels: int, backend: str) -> MotionModule:
 
 @dataclass
 class _Conditions:
-    """Per-call conditioning in folded layout, handed to every block."""
+    """Per-call conditioning in folded layout, handed to every block (made by ``UNet3D.forward`` for one call)."""
 
     temb: torch.Tensor  # (B*F, 4*C0)
     context: torch.Tensor  # (B*F, 1, cross_dim) CLIP context per frame
     audio: Optional[torch.Tensor]  # (B*F, T, audio_dim)
-    masks: Optional[List[List[torch.Tensor]]]  # [level][branch] (B*F, h*w)
+    masks: Dict[int, torch.Tensor]  # down block index -> (B*F, 3, h*w) masks of the level it reads
+    bank: Optional[Sequence[torch.Tensor]]  # reference bank, reference_bank_layout order; None: no reference
     frames: int
+    uncond_rows: int  # leading samples that are the CFG unconditional half (they ignore the bank)
+
+    def attention_kwargs(self, bank_index: int) -> Optional[Dict[str, ReferenceRead]]:
+        """The per-call attention arguments of the transformer block that reads bank entry ``bank_index``."""
+        if self.bank is None:
+            return None
+        return {"reference": ReferenceRead(self.bank[bank_index], self.frames, self.uncond_rows)}
+
+
+def _bank_indices(cfg: UNetConfig, prefix: str, count: int) -> Tuple[int, ...]:
+    """Bank positions of the transformer blocks ``{prefix}.attentions.{0..count-1}`` (reference_bank_layout order)."""
+    names = [e.name for e in reference_bank_layout(cfg, 1)]  # names only: the size is irrelevant
+    return tuple(names.index(f"{prefix}.attentions.{j}.transformer_blocks.0") for j in range(count))
 
 
 class DownBlock3D(nn.Module):
@@ -168,13 +195,15 @@ class DownBlock3D(nn.Module):
         self.motion_modules = nn.ModuleList([_motion(cfg, out_ch, backend) for _ in range(layers)])
         self.downsamplers = nn.ModuleList(
             [Downsample2D(out_ch, use_conv=True, out_channels=out_ch, padding=1, name="op")] if add_downsample else [])
+        self.bank_index = _bank_indices(cfg, f"down_blocks.{index}", layers) if cross_attention else ()
 
     def forward(self, hidden: torch.Tensor, cond: _Conditions) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
         skips = ()
         for j, resnet in enumerate(self.resnets):
             hidden = resnet(hidden, cond.temb)  # (B*F, C, h, w)
             if len(self.attentions):
-                hidden = self.attentions[j](hidden, encoder_hidden_states=cond.context, return_dict=False)[0]
+                hidden = self.attentions[j](hidden, encoder_hidden_states=cond.context, return_dict=False,
+                                            cross_attention_kwargs=cond.attention_kwargs(self.bank_index[j]))[0]
             if len(self.audio_modules):
                 hidden = self.audio_modules[j](hidden, cond.audio, cond.masks[self.index])
             hidden = self.motion_modules[j](hidden, cond.frames)
@@ -193,11 +222,14 @@ class MidBlock3D(nn.Module):
         self.resnets = nn.ModuleList([_resnet(cfg, channels, channels, temb_ch) for _ in range(2)])
         self.attentions = nn.ModuleList([_transformer(cfg, channels)])
         self.motion_modules = nn.ModuleList([_motion(cfg, channels, backend)])
+        self.bank_index = _bank_indices(cfg, "mid_block", 1)
 
     def forward(self, hidden: torch.Tensor, cond: _Conditions) -> torch.Tensor:
         hidden = self.resnets[0](hidden, cond.temb)
-        for attn, motion, resnet in zip(self.attentions, self.motion_modules, self.resnets[1:]):
-            hidden = attn(hidden, encoder_hidden_states=cond.context, return_dict=False)[0]
+        for attn, motion, resnet, bank_index in zip(self.attentions, self.motion_modules, self.resnets[1:],
+                                                    self.bank_index):
+            hidden = attn(hidden, encoder_hidden_states=cond.context, return_dict=False,
+                          cross_attention_kwargs=cond.attention_kwargs(bank_index))[0]
             hidden = motion(hidden, cond.frames)
             hidden = resnet(hidden, cond.temb)
         return hidden
@@ -206,7 +238,7 @@ class MidBlock3D(nn.Module):
 class UpBlock3D(nn.Module):
     """Per layer: concat a skip, resnet (+ attention) + motion module; then an optional 2x nearest upsampler."""
 
-    def __init__(self, cfg: UNetConfig, prev_ch: int, out_ch: int, skip_in_ch: int, temb_ch: int,
+    def __init__(self, cfg: UNetConfig, index: int, prev_ch: int, out_ch: int, skip_in_ch: int, temb_ch: int,
                  cross_attention: bool, add_upsample: bool, backend: str):
         super().__init__()
         layers = cfg.layers_per_block + 1
@@ -219,6 +251,7 @@ class UpBlock3D(nn.Module):
         self.motion_modules = nn.ModuleList([_motion(cfg, out_ch, backend) for _ in range(layers)])
         self.upsamplers = nn.ModuleList(
             [Upsample2D(out_ch, use_conv=True, out_channels=out_ch)] if add_upsample else [])
+        self.bank_index = _bank_indices(cfg, f"up_blocks.{index}", layers) if cross_attention else ()
 
     def forward(self, hidden: torch.Tensor, skips: Tuple[torch.Tensor, ...], cond: _Conditions,
                 upsample_size: Optional[Tuple[int, int]]) -> torch.Tensor:
@@ -226,7 +259,8 @@ class UpBlock3D(nn.Module):
             hidden = torch.cat([hidden, skips[-1 - j]], dim=1)  # (B*F, C + C_skip, h, w)
             hidden = resnet(hidden, cond.temb)
             if len(self.attentions):
-                hidden = self.attentions[j](hidden, encoder_hidden_states=cond.context, return_dict=False)[0]
+                hidden = self.attentions[j](hidden, encoder_hidden_states=cond.context, return_dict=False,
+                                            cross_attention_kwargs=cond.attention_kwargs(self.bank_index[j]))[0]
             hidden = self.motion_modules[j](hidden, cond.frames)
         for upsampler in self.upsamplers:
             hidden = upsampler(hidden, output_size=upsample_size)  # (B*F, C, 2h, 2w)
@@ -255,12 +289,13 @@ class UNet3D(nn.Module):
 
     * sample (B, in_ch, F, h, w) noisy latents; timestep (B,) or scalar; encoder_hidden_states (B, 1, cross_dim)
     * pose_features (B, C0, F, h, w) added after conv_in (optional)
-    * audio_tokens (B, F, T, audio_dim) and masks: {"full", "face", "lip"} -> per-level list, or three per-level
-      lists in that order; each level (B, F, h_l*w_l) (or folded (B*F, h_l*w_l)); see ``audio_mask_levels``
+    * audio_tokens (B, F, T, audio_dim)
+    * masks: one tensor per MM-HAA level, in ``audio_mask_levels`` order, each (B, F, 3, h_l*w_l) with the full,
+      face and lip masks on axis 2 (MASK_BRANCHES order; folded (B*F, 3, h_l*w_l) is accepted too)
     * bank: tensors in ``reference_bank_layout`` order, each (1 or B - uncond_rows, tokens, C), or None for
       no reference (plain self-attention)
     * uncond_rows: the first ``uncond_rows`` samples are the CFG unconditional half and ignore the bank
-    Returns (B, out_ch, F, h, w).
+    Returns (B, out_ch, F, h, w). Every input is an argument: the module holds weights only.
     """
 
     def __init__(self, cfg: UNetConfig, attention_backend: str = "sdpa"):
@@ -296,7 +331,7 @@ class UNet3D(nn.Module):
         for k in range(n):
             prev_ch, out_ch = out_ch, reversed_ch[k]
             skip_in_ch = reversed_ch[min(k + 1, n - 1)]
-            self.up_blocks.append(UpBlock3D(cfg, prev_ch, out_ch, skip_in_ch, temb_ch, cross_attention=k > 0,
+            self.up_blocks.append(UpBlock3D(cfg, k, prev_ch, out_ch, skip_in_ch, temb_ch, cross_attention=k > 0,
                                             add_upsample=k < n - 1, backend=backend))
 
         # 3. Output
@@ -307,13 +342,8 @@ class UNet3D(nn.Module):
         # 4. Attention processors: ours everywhere, bank readers on the spatial self-attentions
         set_attention_backend(self, backend)
         self.bank_names = tuple(entry.name for entry in reference_bank_layout(cfg, 1))  # names only: size unused
-        self.bank_state = BankState(len(self.bank_names))
-        for index, name in enumerate(self.bank_names):
-            self.get_submodule(name).attn1.set_processor(ReferenceReadProcessor(index, self.bank_state, backend))
-
-    def set_attention_backend(self, backend: str) -> None:
-        """Switch every attention layer to "sdpa" or "export" math (weights and bank wiring unchanged)."""
-        set_attention_backend(self, backend)
+        for name in self.bank_names:
+            self.get_submodule(name).attn1.set_processor(ReferenceReadProcessor(backend))
 
     def bank_layout(self, latent_h: int, latent_w: Optional[int] = None) -> Tuple[BankEntry, ...]:
         """Names and shapes of the bank tensors this network reads, in ``forward``'s ``bank`` order."""
@@ -325,7 +355,7 @@ class UNet3D(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int],
                 encoder_hidden_states: torch.Tensor, pose_features: Optional[torch.Tensor] = None,
-                audio_tokens: Optional[torch.Tensor] = None, masks: Optional[MaskInput] = None,
+                audio_tokens: Optional[torch.Tensor] = None, masks: Optional[Sequence[torch.Tensor]] = None,
                 bank: Optional[Sequence[torch.Tensor]] = None, uncond_rows: int = 0) -> torch.Tensor:
         # 0. Check the inputs
         if sample.ndim != 5:
@@ -339,6 +369,9 @@ class UNet3D(nn.Module):
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch:
             raise ValueError(f"mmgt.unet3d: encoder_hidden_states must be (B={batch}, tokens, "
                              f"{self.cfg.cross_attention_dim}), got {tuple(encoder_hidden_states.shape)}")
+        if bank is not None and len(bank) != len(self.bank_names):
+            raise ValueError(f"mmgt.unet3d: reference bank has {len(bank)} tensors, the denoiser reads "
+                             f"{len(self.bank_names)}")
         dtype = sample.dtype
 
         # 1. Time embedding, one per sample, repeated over its frames
@@ -348,10 +381,11 @@ class UNet3D(nn.Module):
             raise ValueError(f"mmgt.unet3d: timestep must be a scalar or (B={batch},), got {tuple(timesteps.shape)}")
         emb = self.time_embedding(self.time_proj(timesteps).to(dtype))  # (B, 4*C0)
 
-        # 2. Conditions in folded layout
+        # 2. Conditions of this call in folded layout
         cond = _Conditions(temb=_repeat_frames(emb, frames), context=_repeat_frames(encoder_hidden_states, frames),
                            audio=self._fold_audio(audio_tokens, batch, frames),
-                           masks=self._fold_masks(masks, batch, frames, height, width), frames=frames)
+                           masks=self._fold_masks(masks, batch, frames, height, width), bank=bank, frames=frames,
+                           uncond_rows=uncond_rows)
 
         # 3. conv_in + pose features
         hidden = self.conv_in(_fold(sample))  # (B*F, C0, h, w)
@@ -361,20 +395,19 @@ class UNet3D(nn.Module):
                                  f"{tuple(pose_features.shape)}")
             hidden = hidden + _fold(pose_features).to(dtype)
 
-        # 4. UNet body; the bank is visible to the spatial self-attentions for this call only
+        # 4. UNet body
         up_factor = 2 ** (len(self.up_blocks) - 1)
         force_size = height % up_factor != 0 or width % up_factor != 0
-        with self.bank_state.use(bank, frames, uncond_rows):
-            skips: Tuple[torch.Tensor, ...] = (hidden,)
-            for block in self.down_blocks:
-                hidden, block_skips = block(hidden, cond)
-                skips += block_skips
-            hidden = self.mid_block(hidden, cond)
-            for k, block in enumerate(self.up_blocks):
-                count = len(block.resnets)
-                block_skips, skips = skips[-count:], skips[:-count]
-                size = tuple(skips[-1].shape[-2:]) if force_size and k < len(self.up_blocks) - 1 else None
-                hidden = block(hidden, block_skips, cond, size)
+        skips: Tuple[torch.Tensor, ...] = (hidden,)
+        for block in self.down_blocks:
+            hidden, block_skips = block(hidden, cond)
+            skips += block_skips
+        hidden = self.mid_block(hidden, cond)
+        for k, block in enumerate(self.up_blocks):
+            count = len(block.resnets)
+            block_skips, skips = skips[-count:], skips[:-count]
+            size = tuple(skips[-1].shape[-2:]) if force_size and k < len(self.up_blocks) - 1 else None
+            hidden = block(hidden, block_skips, cond, size)
 
         # 5. Output head, unfolded to (B, C, F, h, w)
         hidden = self.conv_out(self.conv_act(self.conv_norm_out(hidden)))  # (B*F, out, h, w)
@@ -390,36 +423,63 @@ class UNet3D(nn.Module):
                              f"{self.cfg.audio_dim}), got {got}")
         return audio_tokens.reshape(batch * frames, audio_tokens.shape[2], audio_tokens.shape[3])
 
-    def _fold_masks(self, masks: Optional[MaskInput], batch: int, frames: int, height: int,
-                    width: int) -> Optional[List[List[torch.Tensor]]]:
-        """-> [level][branch] folded (B*F, h_l*w_l) masks for every level an audio block reads."""
+    def _fold_masks(self, masks: Optional[Sequence[torch.Tensor]], batch: int, frames: int, height: int,
+                    width: int) -> Dict[int, torch.Tensor]:
+        """-> {down block: folded (B*F, 3, h_l*w_l) mask} for every block with an MM-HAA module."""
         levels = audio_mask_levels(self.cfg, height, width)
         if not levels:
-            return None
-        if masks is None:
-            raise ValueError("mmgt.unet3d: masks are required (full, face, lip per level) for the MM-HAA modules")
-        if isinstance(masks, Mapping):
-            missing = [b for b in BRANCHES if b not in masks]
-            if missing:
-                raise ValueError(f"mmgt.unet3d: masks dict lacks {missing}; needs keys {list(BRANCHES)}")
-            per_branch = [masks[b] for b in BRANCHES]
-        else:
-            if len(masks) != 3:
-                raise ValueError(f"mmgt.unet3d: masks must be 3 per-level lists (full, face, lip), got {len(masks)}")
-            per_branch = list(masks)
-        folded: List[List[torch.Tensor]] = [[] for _ in range(max(lv.level for lv in levels) + 1)]
-        for lv in levels:
-            for name, branch in zip(BRANCHES, per_branch):
-                if len(branch) <= lv.level:
-                    raise ValueError(f"mmgt.unet3d: {name} masks have {len(branch)} levels; down block {lv.block} "
-                                     f"reads level {lv.level}")
-                mask = branch[lv.level]
-                if tuple(mask.shape) not in ((batch, frames, lv.tokens), (batch * frames, lv.tokens)):
-                    raise ValueError(f"mmgt.unet3d: {name} mask level {lv.level} must be (B={batch}, F={frames}, "
-                                     f"{lv.height}*{lv.width}), got {tuple(mask.shape)}")
-                folded[lv.level].append(mask.reshape(batch * frames, lv.tokens))
+            return {}
+        if masks is None or len(masks) != len(levels):
+            got = None if masks is None else len(masks)
+            raise ValueError(f"mmgt.unet3d: masks must be {len(levels)} tensors, one per MM-HAA level "
+                             f"{[lv.level for lv in levels]}, got {got}")
+        folded = {}
+        for lv, mask in zip(levels, masks):
+            branches = len(MASK_BRANCHES)
+            if tuple(mask.shape) not in ((batch, frames, branches, lv.tokens), (batch * frames, branches, lv.tokens)):
+                raise ValueError(f"mmgt.unet3d: mask of level {lv.level} must be (B={batch}, F={frames}, "
+                                 f"{branches}, {lv.height}*{lv.width}), got {tuple(mask.shape)}")
+            folded[lv.block] = mask.reshape(batch * frames, branches, lv.tokens)
         return folded
 
 
-__all__ = ["level_sizes", "cross_attention_down_blocks", "AudioMaskLevel", "audio_mask_levels", "BankEntry",
+# ----------------------------------------------------------------------------------------------------------------
+# The contract: one denoising step with flat named inputs
+# ----------------------------------------------------------------------------------------------------------------
+class DenoiserStep(nn.Module):
+    """UNet3D step, inputs in contract order: sample, timestep, context, pose_features, audio_tokens, one mask per
+    MM-HAA level, the bank entries -> v (B, 4, C, h, w). The CFG layout (``uncond_rows``) is part of the contract."""
+
+    def __init__(self, unet: UNet3D, n_masks: int, uncond_rows: int):
+        super().__init__()
+        self.unet, self.n_masks, self.uncond_rows = unet, n_masks, uncond_rows
+
+    def forward(self, sample, timestep, context, pose_features, audio_tokens, *masks_and_bank):
+        masks, bank = masks_and_bank[:self.n_masks], masks_and_bank[self.n_masks:]
+        return self.unet(sample, timestep, context, pose_features=pose_features, audio_tokens=audio_tokens,
+                         masks=masks, bank=bank, uncond_rows=self.uncond_rows)  # (B, 4, C, h, w)
+
+
+def denoiser_contract(cfg: MMGTConfig, shapes: Shapes) -> Contract:
+    """denoising_unet: one UNet3D step (v prediction) of a render chunk, with bank, pose features, tokens, masks."""
+    u, ap = cfg.unet, cfg.audio_proj
+    b, c, h = shapes.unet_batch, shapes.chunk, shapes.latent
+    levels = audio_mask_levels(u, h)
+    bank = reference_bank_layout(u, h)
+    return Contract(
+        "denoising_unet", "UNet3D denoising step (v prediction) with bank, pose features, audio tokens, masks",
+        inputs=(tensor("sample", (b, u.in_channels, c, h, h)), tensor("timestep", (b,), 0, 999, "float32"),
+                tensor("context", (b, 1, u.cross_attention_dim)),
+                tensor("pose_features", (b, u.block_out_channels[0], c, h, h)),
+                tensor("audio_tokens", (b, c, ap.context_tokens, u.audio_dim)))
+        + tuple(tensor(mask_name(lv.level), (b, c, len(MASK_BRANCHES), lv.tokens), 0, 1) for lv in levels)
+        + tuple(tensor(bank_name(i), e.shape(1)) for i, e in enumerate(bank)),
+        outputs=(tensor("v", (b, u.out_channels, c, h, h)),),
+        module=lambda m: DenoiserStep(m.denoising_unet, len(levels), shapes.uncond_rows),
+        weights=("denoising_unet",), config_sections=("unet",), shape_fields=("chunk", "resolution", "unet_batch"),
+        version=2, meta={"uncond_rows": shapes.uncond_rows, "mask_levels": [lv.level for lv in levels],
+                         "bank": [e.name for e in bank]})
+
+
+__all__ = ["bank_name", "mask_name", "DenoiserStep", "denoiser_contract", "level_sizes", "cross_attention_down_blocks", "AudioMaskLevel", "audio_mask_levels", "BankEntry",
            "reference_bank_layout", "DownBlock3D", "MidBlock3D", "UpBlock3D", "UNet3D"]

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmgt.config import VAEConfig
+from mmgt.config import MMGTConfig, VAEConfig
+from mmgt.contract import Contract, Dynamic, Shapes, tensor
 from mmgt.seeding import seeded
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,41 @@ class VAEDecoder(nn.Module):
         return (image / 2 + 0.5).clamp(0, 1)  # (N, 3, H, W) in [0, 1]
 
 
+class VAEEncode(nn.Module):
+    """Contract call: image (1, 3, R, R) in [-1, 1] -> posterior mean x scaling factor (``encode_reference``'s latent)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(image).latent_dist.mean * self.scale  # (1, 4, h, w)
+
+
+def vae_contracts(cfg: MMGTConfig, shapes: Shapes) -> Tuple[Contract, Contract]:
+    """vae_encoder (the reference image, once per avatar) and vae_decoder (latents of new frames -> frames).
+
+    The decoder is the one the model set decodes with (``frame_decoder``: the light AutoencoderTiny when set, else
+    the VAE's own): it takes diffusion-scale latents and returns frames in [0, 1], so nothing converts scale or
+    range around it.
+    """
+    r, h, n = shapes.resolution, shapes.latent, shapes.decode_frames_max
+    frames = (Dynamic(0, 1, n, "frames"),)
+    encoder = Contract(
+        "vae_encoder", "VAE encoder: image in [-1, 1] -> posterior mean x scaling factor",
+        inputs=(tensor("image", (1, 3, r, r), -1, 1),), outputs=(tensor("latent", (1, cfg.vae.latent_channels, h, h)),),
+        module=lambda m: VAEEncode(m.vae), weights=("vae.encoder", "vae.quant_conv"), config_sections=("vae",),
+        shape_fields=("resolution",))
+    decoder = Contract(
+        "vae_decoder", "frame decoder: diffusion-scale latents -> frames in [0, 1]",
+        inputs=(tensor("latents", (n, cfg.vae.latent_channels, h, h), dynamic=frames),),
+        outputs=(tensor("frames", (n, 3, r, r), dynamic=frames),),
+        module=lambda m: VAEDecoder(m.frame_decoder), weights=("frame_decoder",), config_sections=("vae",),
+        shape_fields=("decode_frames_max", "resolution"), version=2)
+    return encoder, decoder
+
+
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, chunk: int = 8,
                    out_device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
@@ -233,5 +269,5 @@ def to_uint8(frames: Union[torch.Tensor, np.ndarray], rounding: bool = False) ->
 
 __all__ = [
     "build_vae", "load_vae", "build_tiny_decoder", "load_tiny_decoder", "downsample_factor", "image_to_tensor",
-    "encode_reference", "VAEDecoder", "decode_latents", "to_uint8",
+    "encode_reference", "VAEDecoder", "VAEEncode", "vae_contracts", "decode_latents", "to_uint8",
 ]

@@ -39,6 +39,11 @@ def make_inputs(seed: int = 0):
     return hidden, audio, masks
 
 
+def stacked(masks):
+    """The module's one mask layout: (rows, 3, h*w), the full, face and lip masks on axis 1."""
+    return torch.stack(list(masks), dim=1)
+
+
 def reference_forward(module: MMHAA, hidden, audio, masks, motion_scale):
     """Transcription of the reference Transformer3DModel(use_audio_module) + AudioTemporalBasicTransformerBlock,
     using diffusers' own attention processor and the reference's sqrt(HW) reshape."""
@@ -72,7 +77,7 @@ def reference_forward(module: MMHAA, hidden, audio, masks, motion_scale):
 def test_matches_reference_math_with_branch_weights():
     module = make_module()
     hidden, audio, masks = make_inputs()
-    out = module(hidden, audio, masks)
+    out = module(hidden, audio, stacked(masks))
     assert out.shape == hidden.shape
     expected = reference_forward(module, hidden, audio, masks, (1.0, 1.0, 2.0))
     assert (out - expected).abs().max() < 1e-5
@@ -85,17 +90,17 @@ def test_matches_reference_math_with_branch_weights():
 def test_each_mask_gates_only_its_branch(branch):
     module = make_module()
     hidden, audio, masks = make_inputs()
-    baseline = module(hidden, audio, masks)
+    baseline = module(hidden, audio, stacked(masks))
     zeroed = list(masks)
     zeroed[branch] = torch.zeros_like(masks[branch])
-    out_mask_zero = module(hidden, audio, zeroed)
+    out_mask_zero = module(hidden, audio, stacked(zeroed))
     # A zero mask feeds zeros into that branch's 1x1 conv, leaving only its bias: exactly the same as zeroing
     # the branch conv's weight with the original masks. The other branches are untouched.
     silenced = copy.deepcopy(module)
     block = silenced.transformer_blocks[0]
     conv = (block.zero_conv_full, block.zero_conv_face, block.zero_conv_lip)[branch]
     conv.weight.zero_()
-    out_conv_zero = silenced(hidden, audio, masks)
+    out_conv_zero = silenced(hidden, audio, stacked(masks))
     assert (out_mask_zero - out_conv_zero).abs().max() < 1e-5
     assert (out_mask_zero - baseline).abs().max() > 1e-3  # the branch did contribute
 
@@ -104,10 +109,10 @@ def test_each_mask_gates_only_its_branch(branch):
 def test_each_frame_reads_only_its_own_audio_tokens():
     module = make_module()
     hidden, audio, masks = make_inputs()
-    baseline = module(hidden, audio, masks)
+    baseline = module(hidden, audio, stacked(masks))
     changed = audio.clone()
     changed[1] = torch.randn_like(changed[1])  # new audio for folded row 1 only
-    out = module(hidden, changed, masks)
+    out = module(hidden, changed, stacked(masks))
     assert (out[0] - baseline[0]).abs().max() < 1e-6
     assert (out[2:] - baseline[2:]).abs().max() < 1e-6
     assert (out[1] - baseline[1]).abs().max() > 1e-3
@@ -119,7 +124,7 @@ def test_fresh_module_ignores_audio_and_masks():
     hidden, audio, masks = make_inputs()
     other_audio = torch.randn_like(audio)
     other_masks = [torch.rand_like(m) for m in masks]
-    assert (module(hidden, audio, masks) - module(hidden, other_audio, other_masks)).abs().max() < 1e-6
+    assert (module(hidden, audio, stacked(masks)) - module(hidden, other_audio, stacked(other_masks))).abs().max() < 1e-6
 
 
 @torch.no_grad()
@@ -128,15 +133,16 @@ def test_non_square_maps_work():
     hidden = torch.randn(2, CHANNELS, 2, 6)
     audio = torch.randn(2, TOKENS, AUDIO_DIM)
     masks = [torch.rand(2, 12) for _ in range(3)]
-    assert module(hidden, audio, masks).shape == (2, CHANNELS, 2, 6)
+    assert module(hidden, audio, stacked(masks)).shape == (2, CHANNELS, 2, 6)
 
 
 def test_bad_mask_shape_is_named():
     module = make_module()
     hidden, audio, masks = make_inputs()
-    masks[2] = torch.rand(ROWS, SIDE * SIDE + 1)
-    with pytest.raises(ValueError, match="lip mask"):
-        module(hidden, audio, masks)
+    with pytest.raises(ValueError, match=r"mask must be \(B\*F=.*, 3 branches full/face/lip, h\*w="):
+        module(hidden, audio, torch.rand(ROWS, 3, SIDE * SIDE + 1))
+    with pytest.raises(ValueError, match="3 branches"):
+        module(hidden, audio, stacked(masks[:2]))
 
 
 def test_inner_widths_follow_spec_table():

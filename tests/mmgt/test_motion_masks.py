@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmgt.config import MASK_BRANCHES
 from mmgt.keypoints import N_KEYPOINTS
 from mmgt.motion_masks import box_masks, mask_levels, motion_masks, scaled_kernel
 
@@ -143,6 +144,11 @@ def test_levels_match_reference_path_exactly():
                 assert np.array_equal(got[f], want)
 
 
+def _branches(out):
+    """{branch: [level arrays (F, side^2)]} out of motion_masks' one layout (per level (F, 3, side^2))."""
+    return {b: [lv[:, i] for lv in out] for i, b in enumerate(MASK_BRANCHES)}
+
+
 def test_motion_masks_levels_range_and_full_decision():
     kps = blank(3)
     for f in range(2):
@@ -151,12 +157,10 @@ def test_motion_masks_levels_range_and_full_decision():
         put(kps, f, 72, 0.40, 0.40)
         put(kps, f, 80, 0.50, 0.45)
     # frame 2: all invalid
-    out = motion_masks(kps)
-    assert set(out) == {"full", "face", "lip"}
-    for key in out:
-        assert [lv.shape for lv in out[key]] == [(3, 4096), (3, 1024), (3, 256), (3, 64)]
-        for lv in out[key]:
-            assert lv.dtype == np.float32 and lv.min() >= 0.0 and lv.max() <= 1.0
+    layout = motion_masks(kps)
+    assert [lv.shape for lv in layout] == [(3, 3, 4096), (3, 3, 1024), (3, 3, 256), (3, 3, 64)]
+    assert all(lv.dtype == np.float32 and lv.min() >= 0.0 and lv.max() <= 1.0 for lv in layout)
+    out = _branches(layout)
     face, lip, full = out["face"][0], out["lip"][0], out["full"][0]
     assert face[0].max() == 1.0 and lip[0].max() == 1.0  # min-max normalised
     for i in range(4):
@@ -172,13 +176,25 @@ def test_motion_masks_levels_range_and_full_decision():
     assert np.array_equal(out["face"][0][0], out["face"][0][1])  # identical frames, identical masks
 
 
+def test_motion_masks_branch_axis_follows_mask_branches():
+    """Axis 1 holds the branches in MASK_BRANCHES order, the order MM-HAA's attn2_0/1/2 read them."""
+    assert MASK_BRANCHES == ("full", "face", "lip")
+    kps = blank(1)
+    put(kps, 0, 24, 0.3, 0.2)
+    put(kps, 0, 40, 0.6, 0.5)
+    layout = motion_masks(kps)
+    boxes = box_masks(kps)
+    for lv_array, face_ref in zip(layout, mask_levels(boxes["face_hands"], 31)):
+        assert np.array_equal(lv_array[:, 1], face_ref)
+
+
 def test_tiny_levels_and_kernel_scaling():
     assert scaled_kernel(31, 64) == 31 and scaled_kernel(21, 64) == 21
     assert scaled_kernel(31, 8) == 3 and scaled_kernel(21, 8) == 3 and scaled_kernel(5, 8) == 1
     kps = blank(1)
     put(kps, 0, 24, 0.2, 0.2)
     put(kps, 0, 25, 0.5, 0.5)
-    out = motion_masks(kps, levels=(8, 4, 2, 1))
+    out = _branches(motion_masks(kps, levels=(8, 4, 2, 1)))
     assert [lv.shape for lv in out["face"]] == [(1, 64), (1, 16), (1, 4), (1, 1)]
     assert out["face"][0].max() == 1.0 and out["face"][0].min() == 0.0  # the box survives the scaled blur
 

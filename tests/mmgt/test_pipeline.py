@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mmgt import keypoints as K
+from mmgt.init_pose import template_pose_512
 from mmgt.pipeline import MMGTPipeline, pose_conditions
 
 
@@ -54,4 +55,14 @@ def test_pose_conditions_follow_the_keypoints(tiny_models, tiny_avatar):
     kps[1, :, 0] += 100
     frames, masks = pose_conditions(tiny_models.cfg, kps)
     assert frames.shape == (2, 64, 64, 3) and not np.array_equal(frames[0], frames[1])
-    assert [m.shape for m in masks["face"]] == [(2, 64), (2, 16), (2, 4), (2, 1)]
+    assert [m.shape for m in masks] == [(2, 3, 64), (2, 3, 16), (2, 3, 4), (2, 3, 1)]  # full, face, lip per level
+    assert not np.array_equal(masks[0][0], masks[0][1])  # the masks follow the face and hands
+
+
+def test_generated_poses_are_drawn_as_predicted(tiny_models):
+    """A pose SMGA generated keeps its predicted neck: pose_conditions does not recompute it from the shoulders
+    (the reference does that for a pose detected in an image only)."""
+    kps = np.repeat(template_pose_512()[None], 2, axis=0)  # (2, 134, 3), confident shoulders
+    kps[1, K.NECK, :2] += (0.0, 30.0)  # the predicted neck sits 30 px lower than the shoulders' mean
+    frames, _ = pose_conditions(tiny_models.cfg, kps)
+    assert not np.array_equal(frames[0], frames[1])  # the drawn neck moved with the prediction

@@ -1,7 +1,9 @@
 """Tests of mmgt/smga.py: SMGA network layout and math, its DDIM pose diffusion, and window continuation."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
 
 import numpy as np
 import pytest
@@ -324,21 +326,33 @@ def test_sample_encodes_the_condition_once_and_equals_the_per_step_forward(model
     assert torch.equal(out, x)
 
 
-def test_sample_calls_the_given_denoise(model):
-    """``denoise`` replaces the model's guided_denoise (the engine's CUDA-graph hook) with the same arguments."""
-    _, _, pose, cond = _inputs()
-    seen = []
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_contract_calls_sample_like_the_model(model, guidance):
+    """The engine's path -- smga_condition once per window, smga_denoise per step, both called by name through their
+    contracts -- samples exactly what SMGADiffusion.sample does with the model."""
+    from mmgt.config import get_preset
+    from mmgt.contract import Shapes
+    from mmgt.smga import smga_contracts
 
-    def denoise(x_t, t, init_pose, tokens, hidden, guidance):
-        seen.append((tuple(x_t.shape), tuple(tokens.shape), guidance))
-        return model.guided_denoise(x_t, t, init_pose, tokens, hidden, guidance)
+    _, _, pose, cond = _inputs()
+    pose, cond = pose[:1], cond[:1]
+    cfg = dataclasses.replace(get_preset("tiny"), smga=CFG)
+    shapes = Shapes.from_config(cfg, smga_guidance=guidance)
+    contracts = {c.name: c for c in smga_contracts(cfg, shapes)}
+    holder = types.SimpleNamespace(smga=model)
+    condition, step = (contracts[n].torch_call(holder) for n in ("smga_condition", "smga_denoise"))
+    encoded = condition({"cond": cond})
+    assert tuple(encoded["tokens"].shape) == (shapes.smga_batch, W, CFG.latent_dim)
+    extra = {"guidance": torch.tensor([guidance])} if shapes.smga_batch == 2 else {}
+
+    def denoise(x, t):
+        return step({"x_t": x, "t": t.float(), "init_pose": pose, **encoded, **extra})["x0"]
 
     diff = SMGADiffusion(CFG)
-    out = diff.sample(model, cond, pose, steps=3, guidance=2.0, generator=torch.Generator().manual_seed(1),
-                      denoise=denoise)
-    ref = diff.sample(model, cond, pose, steps=3, guidance=2.0, generator=torch.Generator().manual_seed(1))
+    out = diff.sample_encoded(denoise, 1, W, "cpu", steps=3, generator=torch.Generator().manual_seed(1))
+    ref = diff.sample(model, cond, pose, steps=3, guidance=guidance, generator=torch.Generator().manual_seed(1))
     assert torch.equal(out, ref)
-    assert seen == [((2, W, POSE_DIM), (4, W, CFG.latent_dim), 2.0)] * 3
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Diffusion schedule and sampling

@@ -174,14 +174,6 @@ def test_transformers_directories_load_local(tmp_path, wavlm, w2v):
         A.load_wav2vec2(tmp_path)
 
 
-def test_smga_condition_is_wavlm_then_librosa(wavlm):
-    wav = noise(51_200, seed=5)
-    cond = A.smga_condition(wavlm, wav, 80)
-    assert cond.shape == (80, TINY.wavlm.hidden_size + 35) == (80, TINY.smga.audio_dim)
-    torch.testing.assert_close(cond[:, :32], A.wavlm_features(wavlm, wav, 80))
-    np.testing.assert_array_equal(cond[:, 32:].numpy(), librosa_features(wav, 80))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # wav2vec2
 # ---------------------------------------------------------------------------------------------------------------

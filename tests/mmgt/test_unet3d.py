@@ -7,10 +7,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from mmgt.attention import ReferenceRead, set_attention_backend
 from mmgt.config import MMGT, TINY, UNetConfig
 from mmgt.mmhaa import MMHAA, AudioTransformerBlock
 from mmgt.motion_module import MotionModule
-from mmgt.unet3d import UNet3D, audio_mask_levels, reference_bank_layout
+from mmgt.unet3d import DenoiserStep, UNet3D, audio_mask_levels, reference_bank_layout
 
 CFG = TINY.unet
 B, F, SIDE, AUDIO_TOKENS = 2, 3, 8, 4
@@ -45,8 +46,7 @@ def make_inputs(batch: int = B, frames: int = F, seed: int = 0):
     context = torch.randn(batch, 1, CFG.cross_attention_dim, generator=gen)
     pose = torch.randn(batch, CFG.block_out_channels[0], frames, SIDE, SIDE, generator=gen) * 0.1
     audio = torch.randn(batch, frames, AUDIO_TOKENS, CFG.audio_dim, generator=gen)
-    masks = {name: [torch.rand(batch, frames, lv.tokens, generator=gen) for lv in audio_mask_levels(CFG, SIDE)]
-             for name in ("full", "face", "lip")}
+    masks = [torch.rand(batch, frames, 3, lv.tokens, generator=gen) for lv in audio_mask_levels(CFG, SIDE)]
     return dict(sample=sample, timestep=torch.full((batch,), 500), encoder_hidden_states=context,
                 pose_features=pose, audio_tokens=audio, masks=masks)
 
@@ -116,8 +116,7 @@ def test_bank_read_is_attention_over_own_plus_reference_tokens():
     attn = model.get_submodule(name).attn1
     tokens = torch.randn(B * F, SIDE * SIDE, CFG.block_out_channels[0])
     bank = make_bank(batch=B)
-    with model.bank_state.use(bank, F, uncond_rows=0):
-        out = attn(tokens)
+    out = attn(tokens, reference=ReferenceRead(bank[0], F, uncond_rows=0))
     ref_tokens = bank[0].repeat_interleave(F, dim=0)  # "(b t) l c"
     expected = AttnProcessor2_0()(attn, tokens, encoder_hidden_states=torch.cat([tokens, ref_tokens], dim=1))
     assert (out - expected).abs().max() < 1e-5
@@ -136,8 +135,8 @@ def test_bank_changes_output_and_cfg_uncond_rows_ignore_it():
     single = {k: v for k, v in inputs.items() if k != "masks"}
     first = {k: v[:1] for k, v in single.items()}
     second = {k: v[1:] for k, v in single.items()}
-    masks_first = {k: [m[:1] for m in v] for k, v in inputs["masks"].items()}
-    masks_second = {k: [m[1:] for m in v] for k, v in inputs["masks"].items()}
+    masks_first = [m[:1] for m in inputs["masks"]]
+    masks_second = [m[1:] for m in inputs["masks"]]
     assert (model(**first, masks=masks_first, bank=None) - out_a[:1]).abs().max() < 1e-5
     assert (model(**second, masks=masks_second, bank=bank_a) - out_a[1:]).abs().max() < 1e-5
     # Without CFG both samples read the bank; a 1-row bank broadcasts like the same row repeated.
@@ -153,7 +152,7 @@ def test_sdpa_and_export_backends_agree():
     inputs = make_inputs()
     bank = make_bank()
     sdpa = model(**inputs, bank=bank, uncond_rows=1)
-    model.set_attention_backend("export")
+    set_attention_backend(model, "export")
     export = model(**inputs, bank=bank, uncond_rows=1)
     assert (sdpa - export).abs().max() < 1e-5
     procs = {type(m.processor).__name__ for m in model.modules() if hasattr(m, "processor")}
@@ -162,14 +161,17 @@ def test_sdpa_and_export_backends_agree():
 
 
 @torch.no_grad()
-def test_masks_accept_lists_and_dict_and_change_output():
+def test_masks_one_layout_folded_or_not_and_each_branch_matters():
     model = make_unet()
     inputs = make_inputs()
-    as_dict = model(**inputs)
-    as_lists = model(**{**inputs, "masks": [inputs["masks"][k] for k in ("full", "face", "lip")]})
-    assert torch.equal(as_dict, as_lists)
-    other = {k: [torch.rand_like(m) for m in v] for k, v in inputs["masks"].items()}
-    assert (model(**{**inputs, "masks": other}) - as_dict).abs().max() > 1e-4
+    base = model(**inputs)
+    folded = model(**{**inputs, "masks": [m.reshape(B * F, 3, -1) for m in inputs["masks"]]})
+    assert torch.equal(base, folded)
+    for branch in range(3):  # every branch of the branch axis reaches the MM-HAA modules
+        other = [m.clone() for m in inputs["masks"]]
+        for m in other:
+            m[:, :, branch] = torch.rand_like(m[:, :, branch])
+        assert (model(**{**inputs, "masks": other}) - base).abs().max() > 1e-4
 
 
 def test_input_errors_are_clear():
@@ -177,9 +179,11 @@ def test_input_errors_are_clear():
     inputs = make_inputs()
     with pytest.raises(ValueError, match="reference bank has"):
         model(**inputs, bank=make_bank()[:-1])
-    bad_masks = {**inputs["masks"], "face": [m[..., :-1] for m in inputs["masks"]["face"]]}
-    with pytest.raises(ValueError, match="face mask level 0"):
+    bad_masks = [inputs["masks"][0][..., :-1], *inputs["masks"][1:]]
+    with pytest.raises(ValueError, match="mask of level 0 must be"):
         model(**{**inputs, "masks": bad_masks})
+    with pytest.raises(ValueError, match="masks must be 3 tensors, one per MM-HAA level"):
+        model(**{**inputs, "masks": inputs["masks"][:2]})
     with pytest.raises(ValueError, match="audio_tokens"):
         model(**{**inputs, "audio_tokens": None})
 
@@ -259,33 +263,29 @@ def test_mask_levels_per_down_block():
 @torch.no_grad()
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # static shapes are intended
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript exporter: opset 17 needs it here
-def test_export_backend_traces_to_onnx_with_bank_inputs(tmp_path):
+def test_export_traces_the_explicit_math_with_bank_inputs(tmp_path, monkeypatch):
+    """Built with the sdpa math, the UNet3D traces to matmul + softmax while torch.onnx.export runs (nothing is
+    switched on the module), and every bank tensor and mask level is a named graph input."""
     ort = pytest.importorskip("onnxruntime")
     model = make_unet()
-    model.set_attention_backend("export")
     inputs = make_inputs(frames=2)
     bank = make_bank()
-    masks = [m for k in ("full", "face", "lip") for m in inputs["masks"][k]]
-    levels = len(inputs["masks"]["full"])
+    masks = inputs["masks"]
     names = ["sample", "timestep", "context", "pose", "audio"] + [f"mask_{i}" for i in range(len(masks))] + \
         [f"bank_{i}" for i in range(len(bank))]
-
-    class Step(torch.nn.Module):
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, context, pose, audio, *rest):
-            flat_masks, flat_bank = rest[:len(masks)], rest[len(masks):]
-            grouped = [list(flat_masks[b * levels:(b + 1) * levels]) for b in range(3)]
-            return self.unet(sample, timestep, context, pose, audio, grouped, flat_bank, uncond_rows=1)
-
+    step = DenoiserStep(model, len(masks), uncond_rows=1).eval()
     args = (inputs["sample"], inputs["timestep"].float(), inputs["encoder_hidden_states"], inputs["pose_features"],
             inputs["audio_tokens"], *masks, *bank)
+    expected = step(*args)  # eager: the sdpa math
+
+    def no_sdpa(*a, **k):
+        raise AssertionError("scaled_dot_product_attention was traced into the export")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
     path = tmp_path / "unet3d.onnx"
-    torch.onnx.export(Step(model).eval(), args, str(path), opset_version=17, dynamo=False, input_names=names,
-                      output_names=["out"])
+    torch.onnx.export(step, args, str(path), opset_version=17, dynamo=False, input_names=names, output_names=["out"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == names  # every bank tensor is a named graph input
+    assert all(m.processor.backend == "sdpa" for m in model.modules() if hasattr(m, "processor"))  # untouched
     (got,) = session.run(None, {n: a.numpy() for n, a in zip(names, args)})
-    assert abs(got - Step(model)(*args).numpy()).max() < 1e-4
+    assert abs(got - expected.numpy()).max() < 1e-4

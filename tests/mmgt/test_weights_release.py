@@ -1,5 +1,6 @@
 """Release layouts: key lists at release size, and tiny models saved in the release file structure load back
 strictly and reproduce their outputs; broken checkpoints fail with one error naming the file and the problem."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ import torch
 
 from mmgt import pipeline as P
 from mmgt.config import TINY
+from mmgt.contract import Shapes
 from mmgt.smga import SMGA, SMGADiffusion
-from mmgt.weights import ReleaseLayout, WeightsError, load_smga, load_stage2, read_checkpoint
+from mmgt.weights import ReleaseLayout, WeightsError, load_smga, load_stage2, read_checkpoint, stage2_builders
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,7 +85,9 @@ def test_module_prefix_is_accepted(tmp_path, tiny_models):
 
 def test_whole_model_set_round_trip(release_dir, tiny_models, tiny_avatar, speech):
     """load_models on the saved release directory gives the same render as the models that were saved."""
-    loaded = P.load_models(release_dir.root, TINY)
+    cfg_shapes = Shapes.from_config(TINY, guidance=2.0)  # a CFG run: the denoiser batch of 2
+    loaded = P.load_models(release_dir.root, TINY, shapes=cfg_shapes)
+    saved = dataclasses.replace(tiny_models, shapes=cfg_shapes)
     avatar = P.prepare_avatar(loaded, tiny_avatar.image)
     for a, b in zip(avatar.bank, tiny_avatar.bank):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -91,9 +95,10 @@ def test_whole_model_set_round_trip(release_dir, tiny_models, tiny_avatar, speec
     frames, masks = P.pose_conditions(TINY, kps)
     tokens = P.audio_tokens(loaded, speech[: 8 * 640], 8)
     torch.testing.assert_close(tokens, P.audio_tokens(tiny_models, speech[: 8 * 640], 8), rtol=0, atol=0)
-    inputs = P.ChunkInputs(frames, masks, tokens, first_frame=0)
-    a = P.decode(loaded, P.render_chunk(loaded, avatar, inputs, steps=2, guidance=2.0, seed=0))
-    b = P.decode(tiny_models, P.render_chunk(tiny_models, tiny_avatar, inputs, steps=2, guidance=2.0, seed=0))
+    chunk = P.StageIIChunk(index=0, first_frame=0, pose_frames=frames, masks=P.unet_masks(TINY, masks),
+                           audio_tokens=tokens, emit_from=0, emit_to=8)
+    a = P.decode(loaded, P.render_chunk(loaded, avatar, chunk, steps=2, guidance=2.0, seed=0).latents)
+    b = P.decode(saved, P.render_chunk(saved, tiny_avatar, chunk, steps=2, guidance=2.0, seed=0).latents)
     np.testing.assert_array_equal(a, b)
 
 
@@ -104,7 +109,7 @@ def test_stage2_mismatch_names_file_and_keys(tmp_path, tiny_models):
     state["pose_guider.conv_out.weight"] = torch.zeros(1, 1, 1, 1)
     p = tmp_path / "net-32500.pth"
     torch.save(state, p)
-    fresh = {name: build() for name, build in P.stage2_builders(TINY).items()}
+    fresh = {name: build() for name, build in stage2_builders(TINY).items()}
     before = {k: v.clone() for k, v in fresh["pose_guider"].state_dict().items()}
     with pytest.raises(WeightsError) as e:
         load_stage2(fresh, p)
