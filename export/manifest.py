@@ -42,6 +42,10 @@ PLAN_NAME = "model.plan"
 FORMATS = ("onnx", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_CHUNK = 16  # Stage II frames per render chunk (the engine's and MMGTPipeline's default)
+# Defaults of `engine export` (kept here, not in onnx.py / tensorrt.py, so building the parser imports no torch)
+DEFAULT_OPSET = 17  # TorchScript exporter; the dynamo exporter writes at least opset 18
+DEFAULT_OPT_LEVEL = 3  # TensorRT builder optimisation level: TensorRT's own default; 5 searches longest
+DEFAULT_WORKSPACE_GB = 8.0  # TensorRT builder workspace limit
 SAMPLES_PER_FRAME = 640  # 16 kHz audio / 25 fps
 
 # Every exported network, in export order (small and independent first).
@@ -451,7 +455,8 @@ def _mismatch(have: Mapping[str, Any], want: Mapping[str, Any]) -> Optional[str]
 
 __all__ = [
     "SCHEMA", "MANIFEST_NAME", "ONNX_NAME", "ONNX_DATA_NAME", "PLAN_NAME", "FORMATS", "PRECISIONS", "DEFAULT_CHUNK",
-    "NETWORKS", "STAGE2_NETWORKS", "BRANCHES", "WEIGHT_SOURCES", "CONFIG_SECTIONS", "ArtifactError", "bank_name",
+    "DEFAULT_OPSET", "DEFAULT_OPT_LEVEL", "DEFAULT_WORKSPACE_GB", "NETWORKS", "STAGE2_NETWORKS", "BRANCHES",
+    "WEIGHT_SOURCES", "CONFIG_SECTIONS", "ArtifactError", "bank_name",
     "mask_name", "ExportShapes", "canonical_json", "config_hash", "resolve_attr", "weights_digest",
     "network_weights", "module_float_dtype", "cache_key", "file_sha256", "describe_files", "atomic_write_bytes",
     "atomic_directory", "make_manifest", "write_manifest", "read_manifest", "validate_artifact", "artifact_dir",

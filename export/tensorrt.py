@@ -22,14 +22,12 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from .manifest import atomic_write_bytes
+from .manifest import DEFAULT_OPT_LEVEL, DEFAULT_WORKSPACE_GB, atomic_write_bytes
 from .specs import NetworkSpec
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'mmgt-engine[tensorrt]' on a machine with an NVIDIA GPU and driver"
-DEFAULT_OPT_LEVEL = 3  # TensorRT's own default; 5 searches longest
-DEFAULT_WORKSPACE_GB = 8.0
 
 
 class TensorRTUnavailable(RuntimeError):

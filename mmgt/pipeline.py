@@ -42,7 +42,7 @@ from .seeding import seeded
 from .smga import SMGA, SMGADiffusion, build_smga
 from .unet3d import UNet3D
 from .vae import build_vae, decode_latents, encode_reference, load_vae, to_uint8
-from .weights import ReleaseLayout, WeightsError, load_smga, load_stage2
+from .weights import ReleaseLayout, WeightsError, load_smga, load_stage2, stage2_builders
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +86,6 @@ class ModelSet:
             if getattr(self, name) is not None:
                 getattr(self, name).to(self.device, self.dtype)
         return self
-
-
-def stage2_builders(cfg: MMGTConfig) -> Dict[str, callable]:
-    """Constructors of the net-32500 networks (used for meta-device layout checks too)."""
-    return {
-        "reference_unet": lambda: ReferenceNet(cfg.unet),
-        "denoising_unet": lambda: UNet3D(cfg.unet),
-        "pose_guider": lambda: PoseGuider(cfg.pose_guider),
-        "audioproj": lambda: AudioProjModel(cfg.audio_proj),
-    }
 
 
 def _randomise_zero_init(module: nn.Module, generator: torch.Generator, std: float = 0.05) -> int:

@@ -349,6 +349,22 @@ def _atomic_torch_save(obj, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def stage2_builders(cfg) -> Dict[str, Callable[[], nn.Module]]:
+    """Constructors of the net-32500 networks under their checkpoint prefixes (meta-device layout checks use them
+    too)."""
+    from .audio import AudioProjModel
+    from .pose_guider import PoseGuider
+    from .reference_net import ReferenceNet
+    from .unet3d import UNet3D
+
+    return {
+        "reference_unet": lambda: ReferenceNet(cfg.unet),
+        "denoising_unet": lambda: UNet3D(cfg.unet),
+        "pose_guider": lambda: PoseGuider(cfg.pose_guider),
+        "audioproj": lambda: AudioProjModel(cfg.audio_proj),
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Layout check against ../shared/mmgt_keys
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,8 +386,6 @@ def release_layouts(cfg=None) -> Dict[str, Callable[[], Dict[str, Tuple[int, ...
         return _meta_shapes(lambda: SMGA(cfg.smga))
 
     def net():
-        from .pipeline import stage2_builders
-
         shapes = {}
         for name, build in stage2_builders(cfg).items():
             shapes.update({f"{name}.{k}": s for k, s in _meta_shapes(build).items()})
