@@ -7,7 +7,9 @@
 For each network (and format) the cache key of the artifact is computed first; a valid artifact under
 ``<out>/<network>/<cache_key>/`` is reused ("cached"), a missing, partial or edited one is built ("built") -- or,
 with ``--no-build``, refused. One progress line per network, then a summary table. ``engine/cli.py`` mounts the
-sub-command with ``add_export_parser`` and runs it with ``run_export``.
+sub-command with ``add_export_parser`` and runs it with ``run_export``, handing it the loader of the model set
+(``engine.models.export_model_set``): export imports no engine module (DESIGN.md). This module stays light at module
+level (``engine --help`` imports it); onnx, torch and TensorRT are imported when the command runs.
 """
 from __future__ import annotations
 
@@ -16,16 +18,20 @@ import logging
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
-from .manifest import (ONNX_NAME, PLAN_NAME, ArtifactError, artifact_dir, atomic_directory,
-                       cache_key, config_hash, make_manifest, network_weights, validate_artifact, weights_digest,
-                       write_manifest)
+from mmgt.contract import DEFAULT_CHUNK
+from mmgt.contracts import NETWORKS
+
+from .manifest import (DEFAULT_OPSET, DEFAULT_OPT_LEVEL, DEFAULT_WORKSPACE_GB, ONNX_NAME, PLAN_NAME, ArtifactError,
+                       artifact_dir, atomic_directory, cache_key, config_hash, make_manifest, network_weights,
+                       validate_artifact, weights_digest, write_manifest)
 
 log = logging.getLogger(__name__)
 
 FORMAT_CHOICES = {"onnx": ("onnx",), "tensorrt": ("tensorrt",), "all": ("onnx", "tensorrt")}
+# networks (mmgt.contracts.NETWORKS names) -> a model set holding them (a ModelSet or a namespace with .cfg)
+ModelLoader = Callable[[Sequence[str]], Any]
 
 
 class ExportUsageError(ValueError):
@@ -33,12 +39,8 @@ class ExportUsageError(ValueError):
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``export`` sub-command to an argparse sub-parser set; its ``func`` is ``run_export``."""
-    from .onnx import DEFAULT_OPSET
-    from .tensorrt import DEFAULT_OPT_LEVEL, DEFAULT_WORKSPACE_GB
-    from mmgt.contract import DEFAULT_CHUNK
-    from mmgt.contracts import NETWORKS
-
+    """Add the ``export`` sub-command to an argparse sub-parser set; the caller sets its ``func`` (engine/cli.py: a
+    handler that calls ``run_export`` with a model loader)."""
     p = subparsers.add_parser(
         "export", help="export every network to ONNX / TensorRT (cached artifacts)",
         description="Export the MMGT networks to ONNX (checked against torch in onnxruntime) and TensorRT plans. "
@@ -75,63 +77,12 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     tune.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file (read and updated)")
     tune.add_argument("--opt-level", type=int, default=DEFAULT_OPT_LEVEL, help="TensorRT builder optimisation level")
     tune.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB, help="TensorRT workspace limit")
-    p.set_defaults(func=run_export)
     return p
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Models and key fields
+# Key fields
 # ----------------------------------------------------------------------------------------------------------------
-def _load_models(args, networks: Sequence[str]):
-    from mmgt import pipeline as P
-    from mmgt.config import get_preset
-
-    if args.weights is not None:
-        cfg = get_preset(args.preset or "mmgt")
-        return cfg, P.load_models(args.weights, cfg)
-    cfg = get_preset(args.preset or "tiny")
-    if cfg.trained and not args.random_weights:
-        raise ExportUsageError(f"preset {cfg.name!r} has trained weights: pass --weights DIR (or --random-weights "
-                               "to export its graphs with seeded random weights)")
-    if not cfg.trained:
-        return cfg, P.build_models(cfg)  # the same seeded weights the engine builds for this preset
-    return cfg, _random_models(cfg, networks)
-
-
-def _random_models(cfg, networks: Sequence[str]) -> SimpleNamespace:
-    """Only the modules the asked networks need, each from its own seed (release-size graphs on a CPU)."""
-    import torch
-
-    from mmgt.speech_encoders import build_wav2vec2, build_wavlm
-    from mmgt.smga import build_smga
-    from mmgt.vae import build_vae
-
-    from mmgt.contract import Shapes
-    from mmgt.contracts import network_contracts
-    from mmgt.image_encoder import build_clip
-    from mmgt.weights import stage2_builders
-
-    stage2 = stage2_builders(cfg)
-    builders = {"smga": lambda s: build_smga(cfg.smga, seed=s), "wavlm": lambda s: build_wavlm(cfg.wavlm, seed=s),
-                "wav2vec2": lambda s: build_wav2vec2(cfg.wav2vec2, seed=s), "vae": lambda s: build_vae(cfg.vae, seed=s),
-                "clip": lambda s: build_clip(cfg.clip, seed=s)}
-    contracts = network_contracts(cfg, Shapes.from_config(cfg))
-    # the modules holding each asked network's weights (the frame decoder of a model set without a light one is the
-    # VAE's)
-    needed = {path.split(".")[0] for n in networks for path in contracts[n].weights}
-    needed = {"vae" if attr == "frame_decoder" else attr for attr in needed}
-    attrs = {}
-    for i, attr in enumerate(sorted(needed)):
-        if attr in builders:
-            attrs[attr] = builders[attr](cfg.seed + i)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed + i)
-                attrs[attr] = stage2[attr]().eval()
-        log.info("built %s with random weights", attr)
-    return SimpleNamespace(cfg=cfg, frame_decoder=attrs.get("vae"), **attrs)
-
-
 def key_fields(spec, cfg, shapes, digest: str, fmt: str, precision: str, opset: int,
                trt: Optional[Dict[str, Any]] = None, source_precision: Optional[str] = None) -> Dict[str, Any]:
     """Everything that changes the artifact (and nothing else): its hash is the cache key."""
@@ -219,22 +170,23 @@ def _parity_text(manifest: Optional[Dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------------------------
-def run_export(args, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
-    """Run ``engine export`` with parsed ``args``: 0 when every artifact is valid, 1 on failures, 2 on bad usage."""
+def run_export(args, load_models: ModelLoader, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+    """Run ``engine export`` with parsed ``args``: 0 when every artifact is valid, 1 on failures, 2 on bad usage.
+    ``load_models(networks)`` gives the model set to export, once the flags are checked."""
     out = out or sys.stdout
     err = err or sys.stderr
     from mmgt.weights import WeightsError
 
     try:
-        return _run(args, out, err)
+        return _run(args, load_models, out, err)
     except (ExportUsageError, ArtifactError, WeightsError) as e:
         print(f"engine export: error: {e}", file=err)
         return 2
 
 
-def _run(args, out: TextIO, err: TextIO) -> int:
+def _run(args, load_models: ModelLoader, out: TextIO, err: TextIO) -> int:
     from mmgt.contract import Shapes
-    from mmgt.contracts import NETWORKS, contract_notes, network_contracts
+    from mmgt.contracts import contract_notes, network_contracts
 
     from .onnx import ExportError
     from .tensorrt import source_precision as trt_source_precision
@@ -259,7 +211,8 @@ def _run(args, out: TextIO, err: TextIO) -> int:
 
     # 2. models, shapes, contracts
     t_start = time.perf_counter()
-    cfg, models = _load_models(args, requested)
+    models = load_models(requested)
+    cfg = models.cfg
     try:
         shapes = Shapes.from_config(cfg, chunk=args.chunk, guidance=args.guidance, window=args.window,
                                     smga_guidance=args.smga_guidance)
@@ -355,21 +308,11 @@ def _summary(out: TextIO, rows: List[Dict[str, Any]], seconds: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """A stand-alone parser (``python -m export.cli``); the engine CLI mounts the same sub-command."""
+    """A parser with the export sub-command alone (``engine export`` is mounted by engine/cli.py)."""
     ap = argparse.ArgumentParser(prog="engine")
     sub = ap.add_subparsers(dest="command")
     add_export_parser(sub)
     return ap
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(["export", *(argv if argv is not None else sys.argv[1:])])
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run_export(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-__all__ = ["add_export_parser", "run_export", "key_fields", "build_parser", "main", "ExportUsageError"]
+__all__ = ["add_export_parser", "run_export", "key_fields", "build_parser", "ExportUsageError", "ModelLoader"]

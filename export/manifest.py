@@ -43,6 +43,10 @@ ONNX_DATA_NAME = "model.onnx.data"  # external weights, one file, beside model.o
 PLAN_NAME = "model.plan"
 FORMATS = ("onnx", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
+# Defaults of `engine export` (kept here, not in onnx.py / tensorrt.py, so building the parser imports no torch)
+DEFAULT_OPSET = 17  # TorchScript exporter; the dynamo exporter writes at least opset 18
+DEFAULT_OPT_LEVEL = 3  # TensorRT builder optimisation level: TensorRT's own default; 5 searches longest
+DEFAULT_WORKSPACE_GB = 8.0  # TensorRT builder workspace limit
 # Config fields that are run-time choices, not part of a network: changing them must not invalidate an artifact.
 RUNTIME_CONFIG_FIELDS: Mapping[str, Tuple[str, ...]] = {
     "smga": ("dropout", "diffusion_steps", "cosine_s", "sample_steps", "eta", "guidance"),
@@ -333,8 +337,9 @@ def _mismatch(have: Mapping[str, Any], want: Mapping[str, Any]) -> Optional[str]
 
 
 __all__ = [
-    "SCHEMA", "MANIFEST_NAME", "ONNX_NAME", "ONNX_DATA_NAME", "PLAN_NAME", "FORMATS", "PRECISIONS",
-    "RUNTIME_CONFIG_FIELDS", "ArtifactError", "canonical_json", "config_hash", "weights_digest",
+    "SCHEMA", "MANIFEST_NAME", "ONNX_NAME", "ONNX_DATA_NAME", "PLAN_NAME", "FORMATS", "PRECISIONS", "DEFAULT_OPSET",
+    "DEFAULT_OPT_LEVEL", "DEFAULT_WORKSPACE_GB", "RUNTIME_CONFIG_FIELDS", "ArtifactError", "canonical_json",
+    "config_hash", "weights_digest",
     "network_weights", "module_float_dtype", "cache_key", "file_sha256", "describe_files", "atomic_write_bytes",
     "atomic_directory", "make_manifest", "write_manifest", "read_manifest", "validate_artifact", "artifact_dir",
     "find_artifact",

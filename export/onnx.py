@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .manifest import ONNX_DATA_NAME, ONNX_NAME
 from mmgt.contract import Contract
+
+from .manifest import DEFAULT_OPSET, ONNX_DATA_NAME, ONNX_NAME
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 17  # TorchScript exporter; the dynamo exporter writes at least opset 18
 DYNAMO_MIN_OPSET = 18
 # Protobuf caps one message at 2 GiB: weights above this go to model.onnx.data (one file beside model.onnx).
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000

@@ -22,14 +22,13 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from .manifest import atomic_write_bytes
 from mmgt.contract import Contract
+
+from .manifest import DEFAULT_OPT_LEVEL, DEFAULT_WORKSPACE_GB, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'mmgt-engine[tensorrt]' on a machine with an NVIDIA GPU and driver"
-DEFAULT_OPT_LEVEL = 3  # TensorRT's own default; 5 searches longest
-DEFAULT_WORKSPACE_GB = 8.0
 
 
 class TensorRTUnavailable(RuntimeError):

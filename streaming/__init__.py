@@ -1,4 +1,5 @@
-"""LIVE I/O: the WebRTC presenter (DESIGN.md, "Streaming"). Imports engine (and mmgt) only.
+"""LIVE I/O: the WebRTC presenter (DESIGN.md, "Streaming"). Imports engine only (the model set and avatars come
+through engine.models).
 
 * :mod:`streaming.server`  -- aiohttp page + POST /offer, one shared model set, sessions, teardown.
 * :mod:`streaming.session` -- one viewer: input audio -> Runner.run_stream -> QueueSink, paced by a feeder thread.

@@ -1,13 +1,16 @@
 """`engine serve`: the live presenter (WebRTC) from the command line.
 
 Kept light on purpose: ``engine --help`` imports this module, so aiohttp, aiortc and torch are imported only inside
-:func:`cmd_serve`.
+:func:`cmd_serve`. The shared flags and the model set come from the engine (engine.options, engine.models).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
+
+from engine.options import ASSETS, CLIError, add_model_flags, add_settings_flags, read_image, settings_from
+from engine.settings import LIVE
 
 log = logging.getLogger("engine.serve")
 
@@ -57,9 +60,6 @@ def _positive(text: str) -> int:
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `serve` command to the `engine` command line."""
-    from engine import cli as engine_cli
-    from engine.settings import LIVE
-
     p = subparsers.add_parser(
         "serve", help="live avatar over WebRTC: a demo page, microphone or file in, avatar video + audio out",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=REACH,
@@ -95,38 +95,34 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                            "or what the chunk layout needs if more)")
     live.add_argument("--start-margin", type=float, default=0.25,
                       help="playout delay after the first frame, absorbs render jitter (seconds, default 0.25)")
-    engine_cli._add_model_flags(p)
-    engine_cli._add_settings_flags(p, LIVE)
+    add_model_flags(p)
+    add_settings_flags(p, LIVE)
     p.set_defaults(func=cmd_serve)
     return p
 
 
 def cmd_serve(args) -> int:
     """Load the models and the avatar once, then serve until Ctrl-C."""
-    from engine import cli as engine_cli
-    from engine.settings import LIVE
-
     try:  # the optional live stack: a clear message instead of a traceback when it is missing
         import aiohttp  # noqa: F401
         import aiortc  # noqa: F401
     except ImportError as e:
-        raise engine_cli.CLIError(f"`engine serve` needs aiohttp and aiortc ({e}); pip install aiohttp aiortc") from e
-    import torch
-
-    from streaming.server import ServerConfig, load_avatar, serve
+        raise CLIError(f"`engine serve` needs aiohttp and aiortc ({e}); pip install aiohttp aiortc") from e
+    from engine.models import load_model_set, prepare_avatar, resolve_device
+    from streaming.server import ServerConfig, serve
     from streaming.session import CPU_LIVE, SessionOptions, min_queue_frames
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    settings = engine_cli._settings_from(args, LIVE if device.startswith("cuda") else CPU_LIVE)
+    device = resolve_device(args.device)
+    settings = settings_from(args, LIVE if device.startswith("cuda") else CPU_LIVE)
     try:
         queue = args.queue_frames or max(100, min_queue_frames(settings))
         options = SessionOptions(settings=settings, queue_frames=queue, start_margin=args.start_margin)
         options.layout()
     except ValueError as e:
-        raise engine_cli.CLIError(str(e)) from e
-    image = engine_cli._read_image(args.image or engine_cli.ASSETS / "portrait.jpg")
-    models = engine_cli._load_models(args, settings)
-    avatar = load_avatar(models, image, pose_file=args.init_pose, weights_dir=args.weights)
+        raise CLIError(str(e)) from e
+    image = read_image(args.image or ASSETS / "portrait.jpg")
+    models = load_model_set(args, settings)
+    avatar = prepare_avatar(models, image, pose_file=args.init_pose, weights_dir=args.weights)
     config = ServerConfig(host=args.host, port=args.port, max_sessions=args.max_sessions, udp_ports=args.udp_ports,
                           media_addresses=tuple(args.media_address) if args.media_address else None,
                           idle_timeout=args.idle_timeout, mic=args.mic, mic_device=args.mic_device, session=options)
@@ -138,9 +134,9 @@ def cmd_serve(args) -> int:
     try:
         serve(models, avatar, config)
     except AudioDeviceError as e:
-        raise engine_cli.CLIError(f"--mic: {e}") from e
+        raise CLIError(f"--mic: {e}") from e
     except OSError as e:  # the HTTP port is taken or the address is not ours
-        raise engine_cli.CLIError(f"cannot listen on {args.host}:{args.port}: {e}") from e
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {e}") from e
     return 0
 
 

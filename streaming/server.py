@@ -456,12 +456,6 @@ class AvatarServer:
 # ----------------------------------------------------------------------------------------------------------------
 # Entry point used by `engine serve` (and tests)
 # ----------------------------------------------------------------------------------------------------------------
-def load_avatar(models, image: np.ndarray, pose_file=None, weights_dir=None):
-    from mmgt import pipeline as P
-
-    return P.prepare_avatar(models, image, pose_file=pose_file, weights_dir=weights_dir)
-
-
 def speed_note(fps: float) -> Tuple[int, str]:
     """The start-up line about the measured render speed: (logging level, message); a warning under real time."""
     if fps < FPS:
@@ -486,4 +480,4 @@ def serve(models, avatar, config: ServerConfig) -> None:
 
 
 __all__ = ["AvatarServer", "ServerConfig", "BadRequest", "share_models", "parse_port_range", "restrict_udp_ports",
-           "pin_media_addresses", "check_offer", "serve", "load_avatar", "speed_note"]
+           "pin_media_addresses", "check_offer", "serve", "speed_note"]

@@ -1,7 +1,10 @@
-"""The one-way import rule of DESIGN.md: mmgt <- export <- engine <- streaming, checked on the source."""
+"""The one-way import rule of DESIGN.md: mmgt <- export <- engine <- streaming, checked on the source; no import
+cycle among our modules; and the command line's parser imports nothing heavy."""
 import ast
+import json
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -11,10 +14,10 @@ ALLOWED = {
     "mmgt": set(),
     "export": {"mmgt"},
     "engine": {"mmgt", "export"},
-    "streaming": {"engine", "mmgt"},
+    "streaming": {"engine"},
 }
-# engine may import export.manifest only; engine/cli.py, the composition root, alone may import streaming and the rest of
-# export, lazily (inside functions), so `import engine` never pulls them in.
+# engine may import export.manifest only; engine/cli.py, the composition root, alone may import streaming and the
+# rest of export, lazily (inside functions), so `import engine` never pulls them in.
 ENGINE_EXPORT_MODULES = {"export.manifest"}
 
 
@@ -67,7 +70,8 @@ def violations(root: Path = ROOT, packages=PACKAGES):
                     bad.append(f"{rel}:{node.lineno} imports {mod} (engine may import export.manifest only)")
                     continue
                 if top not in ALLOWED[pkg]:
-                    bad.append(f"{rel}:{node.lineno} imports {mod} ({pkg} may import {sorted(ALLOWED[pkg]) or 'nothing of ours'})")
+                    allowed = sorted(ALLOWED[pkg]) or "nothing of ours"
+                    bad.append(f"{rel}:{node.lineno} imports {mod} ({pkg} may import {allowed})")
     return bad
 
 
@@ -95,3 +99,157 @@ def test_engine_imports_without_optional_libraries():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No cycles: the graph of imports among our modules, module-level and function-level alike
+# ----------------------------------------------------------------------------------------------------------------
+# Cycles someone is removing now, each exactly as found (a cycle that grows or a new one still fails the test).
+# engine.backends: the package imports its backend modules, which import Backend & co. back from the package
+# (the lead's rewrite of engine/backends moves those into a module of their own; then delete this entry).
+KNOWN_CYCLES = [
+    {"engine.backends", "engine.backends.onnxruntime_backend", "engine.backends.tensorrt_backend",
+     "engine.backends.torch_backend"},
+]
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path = ROOT, packages=PACKAGES):
+    """{module: {imported module of ours: "file:line"}} for every .py file of ``packages``. ``from a import b``
+    points at a.b when that is a module, else at a; an import of something inside a module points at the module."""
+    files = {_module_name(p, root): p for pkg in packages for p in sorted((root / pkg).rglob("*.py"))}
+
+    def ours(name: str):
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {mod: {} for mod in files}
+    for mod, path in files.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: level 1 is this package, 2 its parent, ...
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            else:
+                continue
+            for target in filter(None, map(ours, targets)):
+                if target != mod:
+                    graph[mod].setdefault(target, f"{path.relative_to(root).as_posix()}:{node.lineno}")
+    return graph
+
+
+def import_cycles(graph):
+    """The strongly connected components of more than one module (Tarjan), each as a set."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def describe_cycle(graph, component) -> str:
+    """One cycle through ``component``, edge by edge with the line of each import."""
+    start = min(component)
+    came_from, todo = {start: None}, deque([start])
+    while todo:  # shortest way round from start back to start, inside the component
+        v = todo.popleft()
+        for w in graph[v]:
+            if w == start:
+                path = [v]
+                while came_from[path[-1]] is not None:
+                    path.append(came_from[path[-1]])
+                cycle = [*reversed(path), start]
+                return " -> ".join(f"{a} ({graph[a][b]})" for a, b in zip(cycle, cycle[1:])) + f" -> {start}"
+            if w in component and w not in came_from:
+                came_from[w] = v
+                todo.append(w)
+    return ", ".join(sorted(component))
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    new = [c for c in import_cycles(graph) if c not in KNOWN_CYCLES]
+    assert not new, "import cycles:\n" + "\n".join(
+        f"{describe_cycle(graph, c)}   [modules in the cycle: {', '.join(sorted(c))}]" for c in new)
+
+
+def test_only_the_entry_point_imports_the_cli():
+    """engine/cli.py is the composition root: commands share engine.options and engine.models, not its insides."""
+    graph = import_graph()
+    assert sorted(m for m, targets in graph.items() if "engine.cli" in targets) == ["engine.__main__"]
+
+
+def test_cycle_check_finds_a_function_level_cycle(tmp_path):
+    """The check can fail: a module-level import one way and a lazy, relative one back make a cycle."""
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "__init__.py").write_text("")
+    (tmp_path / "engine" / "a.py").write_text("from engine.b import thing\n")
+    (tmp_path / "engine" / "b.py").write_text("def thing():\n    from . import a\n    return a\n")
+    (tmp_path / "engine" / "c.py").write_text("import engine.a\n")  # imports into the cycle, not part of it
+    graph = import_graph(tmp_path, ("engine",))
+    assert graph["engine.b"] == {"engine.a": "engine/b.py:2"}
+    assert import_cycles(graph) == [{"engine.a", "engine.b"}]
+    assert describe_cycle(graph, {"engine.a", "engine.b"}) == \
+        "engine.a (engine/a.py:1) -> engine.b (engine/b.py:2) -> engine.a"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line's parser stays light
+# ----------------------------------------------------------------------------------------------------------------
+HEAVY = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "tensorrt", "aiortc", "aiohttp", "ray", "av",
+         "cv2", "librosa")
+PARSE_ONLY = [["--help"], *([c, "--help"] for c in ("render", "demo", "export", "serve", "batch")),
+              ["render", "--steps", "x"], ["batch", "jobs.csv"], []]
+
+
+def test_help_and_argument_errors_import_nothing_heavy():
+    """`engine --help`, `engine COMMAND --help` and an argument error end before torch & co. are imported."""
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from engine.cli import main\n"
+        "codes = []\n"
+        f"for argv in {PARSE_ONLY!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try:\n"
+        "            codes.append(main(argv))\n"
+        "        except SystemExit as e:\n"
+        "            codes.append(e.code)\n"
+        f"print(json.dumps({{'codes': codes, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["codes"] == [0, 0, 0, 0, 0, 0, 2, 2, 2], result  # help: 0; a bad or missing flag, no command: 2
+    assert result["heavy"] == [], f"building the parser imported {result['heavy']}"

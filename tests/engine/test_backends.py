@@ -3,12 +3,14 @@ import copy
 import importlib.util
 import io
 import shutil
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
 from engine.backends import BackendUnavailable, IOSpec, apply_backend
+from engine.models import export_model_set
 from export.cli import build_parser, run_export
 from export.manifest import ONNX_NAME, STAGE2_NETWORKS, ArtifactError, ExportShapes
 from mmgt import pipeline as P
@@ -25,7 +27,7 @@ def artifacts(tmp_path_factory):
     args = build_parser().parse_args(["export", "--preset", "tiny", "--out", str(out), "--chunk", str(CHUNK),
                                       "--only", *STAGE2_NETWORKS])
     err = io.StringIO()
-    assert run_export(args, out=io.StringIO(), err=err) == 0, err.getvalue()
+    assert run_export(args, partial(export_model_set, args), out=io.StringIO(), err=err) == 0, err.getvalue()
     return out
 
 

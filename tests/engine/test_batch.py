@@ -21,7 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import batch
+from engine.batch import cli as batch_cli
+from engine.batch import job as batch_job
+from engine.batch.fingerprint import model_identity
+from engine.batch.manifest import ManifestError, read_manifest
+from engine.options import CLIError
+from engine.settings import OFFLINE
 
 ROOT = Path(__file__).resolve().parents[2]
 # --threads 1 everywhere: CPU sums depend on the thread count, and a Ray task with 1 CPU runs 1 thread
@@ -55,11 +60,11 @@ def decode(path: Path) -> np.ndarray:
 
 
 def run_batch(argv):
-    """engine.batch.main in this process: (exit code, stdout, seconds)."""
+    """engine.batch.cli.main in this process: (exit code, stdout, seconds)."""
     out = io.StringIO()
     t = time.perf_counter()
     with contextlib.redirect_stdout(out):
-        rc = batch.main([str(a) for a in argv])
+        rc = batch_cli.main([str(a) for a in argv])
     return rc, out.getvalue(), time.perf_counter() - t
 
 
@@ -77,7 +82,7 @@ def calls():
     from mmgt import pipeline as P
 
     counts = {"models": 0, "avatars": 0}
-    load, prepare = batch._load_models, P.prepare_avatar
+    load, prepare = batch_job.load_model_set, P.prepare_avatar
 
     def counted_load(*a, **k):
         counts["models"] += 1
@@ -87,10 +92,10 @@ def calls():
         counts["avatars"] += 1
         return prepare(*a, **k)
 
-    batch._MODELS.clear()
-    batch._AVATARS.clear()
+    batch_job._MODELS.clear()
+    batch_job._AVATARS.clear()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(batch, "_load_models", counted_load)
+        mp.setattr(batch_job, "load_model_set", counted_load)
         mp.setattr(P, "prepare_avatar", counted_prepare)
         yield counts
 
@@ -163,7 +168,7 @@ def test_first_run_renders_the_good_jobs_and_reports_the_missing_audio(first):
 
 
 def test_importing_the_batch_command_imports_no_ray():
-    code = "import sys, engine.batch, engine.cli; print('ray' in sys.modules)"
+    code = "import sys, engine.batch.cli, engine.batch.run, engine.cli; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -309,19 +314,19 @@ def test_manifest_csv_and_jsonl(tmp_path):
                         "faces/a.png, /abs/a.wav, talk01.mp4, 30, 3.5, poses/p.npz,\n"
                         "\n"
                         "b.png, b.wav, talk02, , , , init.json\n")
-    jobs = batch.read_manifest(csv_path)
+    jobs = read_manifest(csv_path)
     assert [j.name for j in jobs] == ["talk01", "talk02"] and [j.line for j in jobs] == [2, 4]
     assert jobs[0].image == sub / "faces/a.png" and jobs[0].audio == Path("/abs/a.wav")
     assert jobs[0].pose == sub / "poses/p.npz" and jobs[0].init_pose is None
     assert jobs[0].overrides == {"steps": 30, "guidance": 3.5}
     assert jobs[1].overrides == {} and jobs[1].init_pose == sub / "init.json"
-    base = batch.OFFLINE.with_(steps=4, seed=7)
+    base = OFFLINE.with_(steps=4, seed=7)
     assert jobs[0].settings(base).steps == 30 and jobs[0].settings(base).seed == 7
     assert jobs[1].settings(base).steps == 4
     jl = sub / "jobs.txt"  # unknown suffix: sniffed as JSON lines
     jl.write_text('# header comment\n{"image": "a.png", "audio": "a.wav", "output": "x", "seed": 5, '
                   '"smga_guidance": 2, "pose": null}\n')
-    (job,) = batch.read_manifest(jl)
+    (job,) = read_manifest(jl)
     assert job.line == 2 and job.overrides == {"seed": 5, "smga_guidance": 2.0} and job.pose is None
 
 
@@ -344,55 +349,53 @@ def test_manifest_csv_and_jsonl(tmp_path):
 def test_manifest_errors_name_the_line(tmp_path, name, text, expect):
     path = tmp_path / name
     path.write_text(text)
-    with pytest.raises(batch.ManifestError) as e:
-        batch.read_manifest(path)
+    with pytest.raises(ManifestError) as e:
+        read_manifest(path)
     assert str(path) in str(e.value) and expect in str(e.value)
 
 
 def test_bad_manifest_is_exit_code_2_with_the_line(tmp_path, capsys):
     path = tmp_path / "jobs.jsonl"
     path.write_text('{"image": "a", "audio": "b", "output": "c"}\n{"image": "a"\n')
-    assert batch.main([str(path), "--out-dir", str(tmp_path / "out"), "-q"]) == 2
+    assert batch_cli.main([str(path), "--out-dir", str(tmp_path / "out"), "-q"]) == 2
     err = capsys.readouterr().err
     assert f"{path} line 2: not valid JSON" in err
     assert not (tmp_path / "out" / "c.json").exists()  # nothing runs on a bad manifest
-    assert batch.main([str(tmp_path / "nope.csv"), "--out-dir", str(tmp_path / "out"), "-q"]) == 2
+    assert batch_cli.main([str(tmp_path / "nope.csv"), "--out-dir", str(tmp_path / "out"), "-q"]) == 2
     assert "nope.csv: manifest not found" in capsys.readouterr().err
 
 
 def test_add_batch_parser_registers_the_command():
     ap = argparse.ArgumentParser(prog="engine")
-    batch.add_batch_parser(ap.add_subparsers(dest="command"))
+    batch_cli.add_batch_parser(ap.add_subparsers(dest="command"))
     args = ap.parse_args(["batch", "jobs.csv", "--out-dir", "d", "--ray", "auto", "--gpus-per-job", "1",
                           "--steps", "3", "--preset", "tiny"])
-    assert args.func is batch.cmd_batch and args.manifest == Path("jobs.csv") and args.out_dir == Path("d")
+    assert args.func is batch_cli.cmd_batch and args.manifest == Path("jobs.csv") and args.out_dir == Path("d")
     assert args.ray == "auto" and args.gpus_per_job == 1.0 and args.steps == 3 and args.preset == "tiny"
-    assert batch.model_identity(args)["preset"] == "tiny"
+    assert model_identity(args)["preset"] == "tiny"
 
 
 def test_speed_flags_apply_once_per_cfg_layout(tiny_models, tiny_avatar, monkeypatch):
     """--compile / --cuda-graphs: one accelerated model set (and one warm-up) per CFG layout the jobs use; a CPU
     model set with --cuda-graphs is one clear error."""
-    import argparse
     import dataclasses
 
     import engine.backends as backends
     from engine.runner import Runner
-    from engine.settings import OFFLINE
 
     made, warmed = [], []
     monkeypatch.setattr(backends, "accelerate", lambda m, s, **kw: made.append(s.guidance) or dataclasses.replace(m))
     monkeypatch.setattr(Runner, "warm_up", lambda self: warmed.append(self.settings.guidance) or 1.5)
-    monkeypatch.setattr(batch, "_ACCELERATED", {})
+    monkeypatch.setattr(batch_job, "_ACCELERATED", {})
     plain = argparse.Namespace(compile=False, cuda_graphs=False)
-    assert batch._accelerated(tiny_models, plain, OFFLINE, tiny_avatar) == (tiny_models, 0.0)
+    assert batch_job._accelerated(tiny_models, plain, OFFLINE, tiny_avatar) == (tiny_models, 0.0)
     fast = argparse.Namespace(compile=True, cuda_graphs=False)
-    a, wa = batch._accelerated(tiny_models, fast, OFFLINE.with_(guidance=1.0), tiny_avatar)
-    b, wb = batch._accelerated(tiny_models, fast, OFFLINE.with_(guidance=3.5), tiny_avatar)
-    c, wc = batch._accelerated(tiny_models, fast, OFFLINE.with_(guidance=2.0), tiny_avatar)
+    a, wa = batch_job._accelerated(tiny_models, fast, OFFLINE.with_(guidance=1.0), tiny_avatar)
+    b, wb = batch_job._accelerated(tiny_models, fast, OFFLINE.with_(guidance=3.5), tiny_avatar)
+    c, wc = batch_job._accelerated(tiny_models, fast, OFFLINE.with_(guidance=2.0), tiny_avatar)
     assert made == warmed == [1.0, 3.5] and (wa, wb, wc) == (1.5, 1.5, 0.0)
     assert c is b and a is not b
     monkeypatch.undo()
-    monkeypatch.setattr(batch, "_ACCELERATED", {})
-    with pytest.raises(batch.CLIError, match="--cuda-graphs: CUDA graphs need a CUDA device"):
-        batch._accelerated(tiny_models, argparse.Namespace(compile=False, cuda_graphs=True), OFFLINE, tiny_avatar)
+    monkeypatch.setattr(batch_job, "_ACCELERATED", {})
+    with pytest.raises(CLIError, match="--cuda-graphs: CUDA graphs need a CUDA device"):
+        batch_job._accelerated(tiny_models, argparse.Namespace(compile=False, cuda_graphs=True), OFFLINE, tiny_avatar)

@@ -1,0 +1,132 @@
+"""The command-line pieces every command shares: flag groups, flags -> RenderSettings, input and output checks.
+
+Used by ``engine/cli.py`` (render, demo), ``engine/batch/cli.py`` and ``streaming/cli.py``. Building a parser must
+stay cheap (``engine --help`` and every argument error run it), so this module imports only the standard library,
+``engine.settings`` and ``mmgt.config`` (plain dataclasses) at module level; numpy and PIL are imported inside
+:func:`read_image`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from engine.settings import OFFLINE, RenderSettings
+
+ASSETS = Path(__file__).resolve().parent / "assets"  # the bundled portrait and speech (engine demo, engine serve)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flag groups
+# ----------------------------------------------------------------------------------------------------------------
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--preset / --weights, --device, --dtype, --tiny-decoder, --compile, --cuda-graphs, --threads."""
+    from mmgt.config import DEFAULT_PRESET, PRESETS
+
+    g = p.add_argument_group("model")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                     help=f"built-in model preset (default {DEFAULT_PRESET!r}: toy widths, seeded random weights, "
+                          "runs on a CPU, output is untrained noise). 'mmgt' alone has the release's sizes but random "
+                          "weights; use --weights for the trained model")
+    src.add_argument("--weights", metavar="DIR", type=Path,
+                     help="release weights directory (MMGT_pretrained/, stable-diffusion-v1-5/, sd-vae-ft-mse/, ...); "
+                          "implies the 'mmgt' sizes. Nothing is downloaded")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="Stage II compute dtype (default: fp16 on GPU, fp32 on CPU)")
+    g.add_argument("--tiny-decoder", metavar="DIR", type=Path, default=None,
+                   help="decode frames with a light AutoencoderTiny (TAESD architecture) from this local diffusers "
+                        "directory instead of the SD VAE: several times faster, slightly softer. Its weights are "
+                        "yours to supply (trained for SD latents)")
+    g.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "max-autotune-no-cudagraphs"], metavar="MODE",
+                   help="torch.compile the denoiser and the frame decoder (fixed shapes; compiled during a warm-up "
+                        "before the run, a minute or two per shape, then every step is faster; worth it on a GPU). "
+                        "MODE max-autotune-no-cudagraphs also tunes the matmul/conv kernels (much longer to compile)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the denoiser step, the frame decoder and the SMGA pose step as CUDA graphs (captured "
+                        "during the warm-up; removes per-kernel launch overhead; CUDA only; combines with --compile)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the tiny preset on a CPU, whose ops are too small to gain "
+                        "from more; torch's own choice otherwise). CPU frames depend slightly on it: equal counts "
+                        "give equal frames")
+
+
+def add_settings_flags(p: argparse.ArgumentParser, base: RenderSettings) -> None:
+    """--steps, --guidance, --smga-steps, --smga-guidance, --seed, --window, --hop, --crossfade, --chunk, --overlap;
+    the help names ``base``'s defaults (OFFLINE for render and batch, LIVE for serve)."""
+    g = p.add_argument_group("scheduling and sampling (defaults from engine/settings.py)")
+    g.add_argument("--steps", type=int, help="Stage II denoising steps (default: the preset's; reference quality 30)")
+    g.add_argument("--guidance", type=float,
+                   help="Stage II classifier-free guidance scale (1.0 = off, one UNet pass; reference 3.5)")
+    g.add_argument("--smga-steps", type=int, help="Stage I (pose) DDIM steps (default: the preset's; reference 50)")
+    g.add_argument("--smga-guidance", type=float, help="Stage I guidance weight (reference 2.0)")
+    g.add_argument("--seed", type=int, help=f"noise seed; the same seed gives the same frames (default {base.seed})")
+    g.add_argument("--window", type=int, help=f"SMGA window in frames (default {base.window} = 3.2 s)")
+    g.add_argument("--hop", type=int, help=f"frames between SMGA windows (default {base.hop})")
+    g.add_argument("--crossfade", type=int, help=f"pose seam frames blended between windows (default {base.crossfade})")
+    g.add_argument("--chunk", type=int, help=f"Stage II frames per render chunk, <= 32 (default {base.chunk})")
+    g.add_argument("--overlap", type=int,
+                   help=f"frames a chunk takes over from the previous one (default {base.overlap})")
+
+
+def add_backend_flags(p: argparse.ArgumentParser) -> None:
+    """--backend torch|onnxruntime|tensorrt and --artifacts DIR."""
+    b = p.add_argument_group("backend")
+    b.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
+                   help="runtime for the Stage II networks (onnxruntime/tensorrt need `engine export` artifacts)")
+    b.add_argument("--artifacts", type=Path, help="directory written by `engine export` (for onnxruntime/tensorrt)")
+
+
+def settings_from(args, base: RenderSettings = OFFLINE) -> RenderSettings:
+    """``base`` with the settings flags the user gave (unset flags keep the preset's value)."""
+    return base.with_(steps=args.steps, guidance=args.guidance, smga_steps=args.smga_steps,
+                      smga_guidance=args.smga_guidance, seed=args.seed, window=args.window, hop=args.hop,
+                      crossfade=args.crossfade, chunk=args.chunk, overlap=args.overlap)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs, outputs, logging
+# ----------------------------------------------------------------------------------------------------------------
+def read_image(path: Path):
+    """The image at ``path`` as a uint8 RGB array (H, W, 3); CLIError naming the file when it cannot be read."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise CLIError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise CLIError(f"{path}: not a readable image ({e})") from e
+
+
+def check_output(path: Path) -> None:
+    """An output file can be written at ``path`` (its folder exists and is writable, it is not a folder)."""
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise CLIError(f"{path}: output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CLIError(f"{path}: output directory {parent} is not writable")
+    if path.is_dir():
+        raise CLIError(f"{path}: is a directory; give a file name ending in .mp4")
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """-q: warnings only; default: info; -vv: debug, the libraries' own chatter included."""
+    level = logging.WARNING if quiet else (logging.INFO if verbose == 0 else logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        for noisy in ("diffusers", "transformers", "PIL", "numba", "matplotlib"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+__all__ = ["ASSETS", "CLIError", "add_model_flags", "add_settings_flags", "add_backend_flags", "settings_from",
+           "read_image", "check_output", "setup_logging"]
