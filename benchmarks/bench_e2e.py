@@ -15,6 +15,7 @@ warm-up time is reported beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from engine.sinks import NullSink
 from engine.types import AudioChunk
 from mmgt import pipeline as P
 from mmgt.config import get_preset
+from mmgt.contract import Shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "engine" / "assets"
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     if args.decoder == "taesd":
         from mmgt.vae import build_tiny_decoder
 
-        models.decoder = build_tiny_decoder(cfg.vae, seed=cfg.seed).to(device, dtype).eval()
+        models = dataclasses.replace(models, decoder=build_tiny_decoder(cfg.vae, seed=cfg.seed).to(device, dtype).eval())
     _sync(device)
     build_s = time.perf_counter() - t
     avatar = P.prepare_avatar(models, _portrait())
@@ -101,18 +103,23 @@ def main(argv=None) -> int:
           f"cuda graphs {args.cuda_graphs}")
 
     results = []
-    accelerated = {}
+    accelerated = {}  # call shapes -> the model set shaped (and compiled / graphed) for them, shared by configs
+
+    def shaped(settings):
+        shapes = Shapes.from_settings(cfg, settings)
+        if shapes not in accelerated:
+            accelerated[shapes] = accelerate(dataclasses.replace(models, shapes=shapes), compile=args.compile or False,
+                                             cuda_graphs=args.cuda_graphs)
+        return accelerated[shapes]
+
     for spec in args.configs:
         steps_s, guidance_s = spec.split(":")
         steps, guidance = int(steps_s), float(guidance_s)
         seconds = args.cfg_seconds if (guidance != 1.0 and args.cfg_seconds) else args.seconds
         audio = _speech(seconds)
         settings = OFFLINE.with_(steps=steps, guidance=guidance, chunk=args.chunk, overlap=args.overlap)
-        # 2. the run's models (compiled / graphed for this CFG layout), warmed up: compile, capture, allocate
-        if (guidance != 1.0) not in accelerated:  # one compiled/graphed denoiser per CFG layout, shared by configs
-            accelerated[guidance != 1.0] = accelerate(models, settings, compile=args.compile or False,
-                                                      cuda_graphs=args.cuda_graphs)
-        run_models = accelerated[guidance != 1.0]
+        # 2. the run's models (shaped, compiled / graphed for these settings), warmed up: compile, capture, allocate
+        run_models = shaped(settings)
         warm_s = Runner(run_models, avatar, settings).warm_up()
         # 3. offline run: real-time factor and per-stage busy time
         t = time.perf_counter()
@@ -128,11 +135,12 @@ def main(argv=None) -> int:
         # 4. live run: chunks of 20 ms as they would arrive, fed without waiting (latency from audio-ready)
         if not args.no_live:
             live = LIVE.with_(steps=steps, guidance=guidance)
-            live_warm_s = Runner(run_models, avatar, live).warm_up()  # the live chunk is another shape
+            live_models = shaped(live)  # the live chunk is another shape
+            live_warm_s = Runner(live_models, avatar, live).warm_up()
             chunks = [AudioChunk(audio[i:i + 320], i) for i in range(0, min(len(audio), 16000 * 4), 320)]
-            lrep = Runner(run_models, avatar, live).run_stream(iter(chunks), NullSink())
+            lrep = Runner(live_models, avatar, live).run_stream(iter(chunks), NullSink())
             row.update({"live_first_frame_latency_s": lrep.first_frame_latency, "live_settings": vars(live),
-                        "live_steady_fps": Runner(run_models, avatar, live).probe(),
+                        "live_steady_fps": Runner(live_models, avatar, live).probe(),
                         "live_warmup_seconds": live_warm_s, "live_real_time_factor": lrep.real_time_factor,
                         "live_stage1_seconds": lrep.stage1_seconds, "live_stage2_seconds": lrep.stage2_seconds,
                         "live_frames": lrep.frames})

@@ -3,12 +3,13 @@
     python -m benchmarks.bench_networks --preset mmgt --device cuda --dtype fp16 fp32 --compile --cuda-graphs
     python -m benchmarks.bench_networks --preset tiny --device cpu            # seconds; what CI can run
 
-Networks (``--networks``, default all), each called the way ``mmgt.pipeline`` calls it:
+Networks (``--networks``, default all), each called through its contract (mmgt/contracts.py: the inputs' names,
+shapes and ranges and the torch call the engine and the exported graphs use; nothing is declared twice here):
 
     unet3d        one denoising step of a render chunk of C frames (bank, audio tokens, masks, pose features);
                   batch 1 (no CFG) and batch 2 (CFG: unconditional + conditional rows in one call)
     vae_decode    AutoencoderKL decode of C latents to frames          taesd_decode  AutoencoderTiny decoder, same
-    smga          one Stage I denoiser call on an 80-frame window, without and with the CFG batch
+    smga          one Stage I decoder step on an 80-frame window, without and with the CFG batch
     reference_net once per avatar: the reference latent -> attention bank
     pose_guider   C pose frames -> features                            audio_proj    C frames of wav2vec2 windows
     wavlm         WavLM on 3.2 s of audio (SMGA condition)             wav2vec2      wav2vec2 on 3.2 s (all layers)
@@ -41,19 +42,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
 from benchmarks.common import machine_info, peak_tflops, result_path, synchronize, time_call, write_json
-from mmgt.config import AUDIO_SAMPLE_RATE, FPS, POSE_DIM, MMGTConfig, get_preset
+from mmgt.config import FPS, MMGTConfig, get_preset
 
 log = logging.getLogger("benchmarks.bench_networks")
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 NETWORKS = ("unet3d", "vae_decode", "smga", "reference_net", "pose_guider", "audio_proj", "wavlm", "wav2vec2",
             "taesd_decode")
-WINDOW_SECONDS = 3.2  # one SMGA window of audio (80 frames at 25 fps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,49 +111,46 @@ def _on_device(build: Callable[[], nn.Module], device: torch.device) -> Callable
     return make
 
 
-def unet_cases(cfg: MMGTConfig, chunk: int, device: torch.device) -> List[Case]:
-    """UNet3D denoiser step on one render chunk, batch 1 and the CFG batch 2, as ``render_chunk`` calls it."""
-    from mmgt.unet3d import reference_bank_layout
+def contract_case(name: str, unit: str, frames: Optional[int], contract, attr: str, device: torch.device,
+                  seed: int, **kwargs) -> Case:
+    """A case that calls the network exactly as the engine does: its contract's torch call on the contract's sample
+    inputs (names, shapes, ranges from mmgt/contracts.py; nothing declared here). The checked output is the last
+    one (the ReferenceNet's last bank entry depends on the whole network).
 
-    u, lat = cfg.unet, cfg.latent_size
-    tokens = cfg.audio_proj.context_tokens
+    The module under test is held as ``attr`` of the model set the contract's call is made from. Floating inputs
+    follow the case's dtype; a contract that is fp32-only (Stage I, the speech encoders) is timed in the case's
+    dtype all the same, to show what fp16 would do."""
+    from types import SimpleNamespace
 
-    def make(batch: int) -> Callable[[torch.dtype], Inputs]:
-        def inputs(dtype: torch.dtype) -> Inputs:
-            g = _gen(device, 1)
-            rnd = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
-            sample = rnd(batch, u.in_channels, chunk, lat, lat).to(dtype)  # (B, 4, C, h, w)
-            t = torch.full((batch,), 500, device=device, dtype=torch.long)  # a device tensor: graph-capturable
-            context = rnd(batch, 1, u.cross_attention_dim).to(dtype)  # (B, 1, 768)
-            pose = rnd(batch, u.block_out_channels[0], chunk, lat, lat).to(dtype)  # (B, C0, C, h, w)
-            audio = rnd(batch, chunk, tokens, u.audio_dim).to(dtype)  # (B, C, 32, 768)
-            masks = {b: [(torch.rand(batch, chunk, s * s, generator=g, device=device) > 0.5).to(dtype)
-                         for s in cfg.mask_levels] for b in ("full", "face", "lip")}  # each (B, C, l*l)
-            bank = tuple(rnd(*e.shape(1)).to(dtype) for e in reference_bank_layout(u, lat))  # (1, L_l, C_l)
-            kwargs = dict(pose_features=pose, audio_tokens=audio, masks=masks, bank=bank,
-                          uncond_rows=1 if batch == 2 else 0)
-            return (sample, t, context), kwargs
-        return inputs
+    from mmgt.contract import FLOAT
+
+    calls: Dict[int, Callable] = {}  # id(module) -> the contract's call on it (one per module variant)
+
+    def make(dtype: torch.dtype) -> Inputs:
+        feeds = contract.sample_inputs("fp32", seed=seed, device=device)
+        follow = {t.name for t in contract.inputs if t.dtype == FLOAT or not contract.allow_fp16}
+        return tuple(feeds[n].to(dtype) if n in follow else feeds[n] for n in contract.input_names), {}
 
     def call(m, a, k):
-        return m(*a, **k)
+        fn = calls.get(id(m))
+        if fn is None:
+            fn = calls[id(m)] = contract.module(SimpleNamespace(**{attr: m}))
+        out = fn(*a)
+        return out[-1] if isinstance(out, (tuple, list)) else out
 
-    def shapes(b: int) -> Dict[str, object]:
-        return {"sample": [b, u.in_channels, chunk, lat, lat], "audio_tokens": [b, chunk, tokens, u.audio_dim],
-                "bank_entries": len(reference_bank_layout(u, lat)), "mask_levels": list(cfg.mask_levels)}
-
-    return [Case("unet3d_step_b1", f"{chunk} frames x 1 denoising step, no CFG", chunk, make(1), call, shapes(1)),
-            Case("unet3d_step_b2_cfg", f"{chunk} frames x 1 denoising step, CFG batch of 2", chunk, make(2), call,
-                 shapes(2))]
+    shapes = {t.name: list(t.shape) for t in contract.inputs}
+    return Case(name, unit, frames, make, call, shapes, **kwargs)
 
 
 def build_networks(cfg: MMGTConfig, chunk: int, device: torch.device, names: Sequence[str]) -> List[Network]:
-    """The selected networks at the preset's sizes, in ``NETWORKS`` order."""
+    """The selected networks at the preset's sizes, in ``NETWORKS`` order, each called through its contract."""
     from mmgt.audio_proj import AudioProjModel
+    from mmgt.contract import Shapes
+    from mmgt.contracts import network_contracts
     from mmgt.pose_guider import PoseGuider
     from mmgt.smga import build_smga
-    from mmgt.speech_encoders import build_wav2vec2, build_wavlm, wav2vec2_features, wavlm_features
-    from mmgt.vae import VAEDecoder, build_tiny_decoder, build_vae
+    from mmgt.speech_encoders import build_wav2vec2, build_wavlm
+    from mmgt.vae import build_tiny_decoder, build_vae
 
     def unet3d() -> nn.Module:  # mmgt.unet3d / reference_net import diffusers' UNet blocks: only when asked for
         from mmgt.unet3d import UNet3D
@@ -164,97 +160,58 @@ def build_networks(cfg: MMGTConfig, chunk: int, device: torch.device, names: Seq
         from mmgt.reference_net import ReferenceNet
         return ReferenceNet(cfg.unet)
 
-    lat, res = cfg.latent_size, cfg.resolution
+    # the contracts at this chunk, without and with classifier-free guidance in both stages
+    plain = network_contracts(cfg, Shapes.from_config(cfg, chunk=chunk, guidance=1.0, smga_guidance=1.0))
+    guided = network_contracts(cfg, Shapes.from_config(cfg, chunk=chunk, guidance=3.5, smga_guidance=cfg.smga.guidance))
+    res, w = cfg.resolution, cfg.smga.window
     nets: Dict[str, Network] = {}
 
-    # 1. Stage II denoiser
-    if "unet3d" in names:
-        nets["unet3d"] = Network("unet3d", _on_device(unet3d, device), unet_cases(cfg, chunk, device), conv=True)
+    def case(name, unit, frames, contract, attr, seed, **kw) -> Case:
+        return contract_case(name, unit, frames, contract, attr, device, seed, **kw)
 
-    # 2. Decoders (latents in diffusion scale -> frames in [0, 1]); VAEDecoder is what export and the engine use
-    def decode_case(name: str) -> Case:
-        def inputs(dtype):
-            g = _gen(device, 2)
-            return (torch.randn(chunk, cfg.vae.latent_channels, lat, lat, generator=g, device=device).to(dtype),), {}
-        return Case(name, f"decode {chunk} frames at {res}x{res}", chunk, inputs, lambda m, a, k: m(*a),
-                    {"latents": [chunk, cfg.vae.latent_channels, lat, lat]})
+    # 1. Stage II denoiser: one step, batch 1 (no CFG) and batch 2 (CFG rows in one call)
+    nets["unet3d"] = Network("unet3d", _on_device(unet3d, device), [
+        case("unet3d_step_b1", f"{chunk} frames x 1 denoising step, no CFG", chunk, plain["denoising_unet"],
+             "denoising_unet", 1),
+        case("unet3d_step_b2_cfg", f"{chunk} frames x 1 denoising step, CFG batch of 2", chunk,
+             guided["denoising_unet"], "denoising_unet", 1)], conv=True)
 
-    nets["vae_decode"] = Network("vae_decode", _on_device(lambda: VAEDecoder(build_vae(cfg.vae)), device),
-                                 [decode_case("vae_decode")], conv=True)
+    # 2. Decoders (diffusion-scale latents -> frames in [0, 1]): the frame decoder the model set decodes with
+    decode = plain["vae_decoder"]
+    nets["vae_decode"] = Network("vae_decode", _on_device(lambda: build_vae(cfg.vae), device), [
+        case("vae_decode", f"decode {chunk} frames at {res}x{res}", chunk, decode, "frame_decoder", 2)], conv=True)
     taesd_width = min(64, cfg.vae.block_out_channels[0])  # TAESD's 64 at release size, narrower for toy presets
     nets["taesd_decode"] = Network(
-        "taesd_decode", _on_device(lambda: VAEDecoder(build_tiny_decoder(cfg.vae, channels=taesd_width)), device),
-        [decode_case("taesd_decode")], conv=True,
+        "taesd_decode", _on_device(lambda: build_tiny_decoder(cfg.vae, channels=taesd_width), device),
+        [case("taesd_decode", f"decode {chunk} frames at {res}x{res}", chunk, decode, "frame_decoder", 2)], conv=True,
         note=f"AutoencoderTiny (TAESD layout, width {taesd_width}) decoder: the optional light decoder")
 
-    # 3. Stage I denoiser: one call of the DDIM loop, plain and with the CFG batch
-    s = cfg.smga
+    # 3. Stage I denoiser: one DDIM step on the encoded condition (encoded once per window: smga_condition)
+    smga_cases = [case("smga_step", f"1 decoder step, {w}-frame window, no CFG", w, plain["smga_denoise"], "smga", 3)]
+    if "smga_denoise" in guided:
+        smga_cases.append(case("smga_step_cfg", f"1 decoder step, {w}-frame window, CFG batch of 2 (guidance "
+                                                f"{cfg.smga.guidance})", w, guided["smga_denoise"], "smga", 3))
+    nets["smga"] = Network("smga", _on_device(lambda: build_smga(cfg.smga, seed=cfg.seed), device), smga_cases,
+                           note="the audio condition is encoded once per window (smga_condition), not per step")
 
-    def smga_inputs(dtype):
-        g = _gen(device, 3)
-        x = torch.randn(1, s.window, POSE_DIM, generator=g, device=device).to(dtype)  # (1, W, 402)
-        t = torch.full((1,), 500, device=device, dtype=torch.long)
-        init = torch.rand(1, POSE_DIM, generator=g, device=device).to(dtype) * 2 - 1  # (1, 402)
-        cond = torch.randn(1, s.window, s.audio_dim, generator=g, device=device).to(dtype)  # (1, W, audio_dim)
-        return (x, t, init, cond), {}
-
-    smga_shapes = {"x_t": [1, s.window, POSE_DIM], "cond": [1, s.window, s.audio_dim]}
-    nets["smga"] = Network("smga", _on_device(lambda: build_smga(s, seed=cfg.seed), device), [
-        Case("smga_step", f"1 denoiser call, {s.window}-frame window, no CFG", s.window, smga_inputs,
-             lambda m, a, k: m(*a), smga_shapes),
-        Case("smga_step_cfg", f"1 denoiser call, {s.window}-frame window, CFG batch of 2 (guidance {s.guidance})",
-             s.window, smga_inputs, lambda m, a, k: m.guided_forward(*a, guidance=s.guidance), smga_shapes),
-    ], note="the cond encoder runs inside every call (as SMGA.forward does)")
-
-    # 4. ReferenceNet: once per avatar; the output checked is the last bank entry (it depends on the whole net)
-    def ref_inputs(dtype):
-        g = _gen(device, 4)
-        latent = torch.randn(1, cfg.unet.in_channels, lat, lat, generator=g, device=device).to(dtype)
-        context = torch.randn(1, 1, cfg.unet.cross_attention_dim, generator=g, device=device).to(dtype)
-        return (latent, context, torch.zeros(1, device=device, dtype=torch.long)), {}
-
+    # 4. ReferenceNet: once per avatar
     nets["reference_net"] = Network("reference_net", _on_device(reference_net, device), [
-        Case("reference_net", "1 reference image -> attention bank", None, ref_inputs, lambda m, a, k: m(*a)[-1],
-             {"latent": [1, cfg.unet.in_channels, lat, lat]})], conv=True)
+        case("reference_net", "1 reference image -> attention bank", None, plain["reference_unet"],
+             "reference_unet", 4)], conv=True)
 
     # 5. PoseGuider and audio projection on one chunk
-    pg = cfg.pose_guider
+    nets["pose_guider"] = Network("pose_guider", _on_device(lambda: PoseGuider(cfg.pose_guider), device), [
+        case("pose_guider", f"{chunk} pose frames at {res}x{res} -> features", chunk, plain["pose_guider"],
+             "pose_guider", 5)], conv=True)
+    nets["audio_proj"] = Network("audio_proj", _on_device(lambda: AudioProjModel(cfg.audio_proj), device), [
+        case("audio_proj", f"{plain['audio_proj'].inputs[0].shape[1]} frames of +-2-frame wav2vec2 windows -> "
+                           "tokens", plain["audio_proj"].inputs[0].shape[1], plain["audio_proj"], "audioproj", 6)])
 
-    def pose_inputs(dtype):
-        g = _gen(device, 5)
-        return (torch.rand(1, pg.conditioning_channels, chunk, res, res, generator=g, device=device).to(dtype),), {}
-
-    nets["pose_guider"] = Network("pose_guider", _on_device(lambda: PoseGuider(pg), device), [
-        Case("pose_guider", f"{chunk} pose frames at {res}x{res} -> features", chunk, pose_inputs,
-             lambda m, a, k: m(*a), {"pose": [1, pg.conditioning_channels, chunk, res, res]})], conv=True)
-
-    ap = cfg.audio_proj
-
-    def proj_inputs(dtype):
-        g = _gen(device, 6)
-        return (torch.randn(1, chunk, ap.seq_len, ap.blocks, ap.channels, generator=g, device=device).to(dtype),), {}
-
-    nets["audio_proj"] = Network("audio_proj", _on_device(lambda: AudioProjModel(ap), device), [
-        Case("audio_proj", f"{chunk} frames of +-2-frame wav2vec2 windows -> tokens", chunk, proj_inputs,
-             lambda m, a, k: m(*a), {"windows": [1, chunk, ap.seq_len, ap.blocks, ap.channels]})])
-
-    # 6. Audio encoders on one 3.2 s window, through the functions the pipeline calls (host waveform in)
-    n_samples = int(round(WINDOW_SECONDS * AUDIO_SAMPLE_RATE))
-    n_frames = int(round(WINDOW_SECONDS * FPS))
-
-    def wave_inputs(dtype):
-        rng = np.random.default_rng(7)
-        return (rng.standard_normal(n_samples).astype(np.float32) * 0.1,), {}  # dtype: the model's own
-
-    nets["wavlm"] = Network("wavlm", _on_device(lambda: build_wavlm(cfg.wavlm, seed=cfg.seed + 1), device), [
-        Case("wavlm", f"{WINDOW_SECONDS} s of 16 kHz audio -> {n_frames} frames of features", n_frames, wave_inputs,
-             lambda m, a, k: wavlm_features(m, a[0], n_frames), {"wave": [n_samples]}, graphable=False,
-             compilable=False)], note="host waveform in: includes the host-to-device copy; eager only")
-    nets["wav2vec2"] = Network("wav2vec2", _on_device(lambda: build_wav2vec2(cfg.wav2vec2, seed=cfg.seed + 2),
-                                                      device), [
-        Case("wav2vec2", f"{WINDOW_SECONDS} s of 16 kHz audio -> {n_frames} frames x all layers", n_frames,
-             wave_inputs, lambda m, a, k: wav2vec2_features(m, a[0], n_frames), {"wave": [n_samples]},
-             graphable=False, compilable=False)], note="host waveform in: includes the host-to-device copy; eager only")
+    # 6. Audio encoders on one window of whole frames of 16 kHz audio
+    for name, build in (("wavlm", lambda: build_wavlm(cfg.wavlm, seed=cfg.seed + 1)),
+                        ("wav2vec2", lambda: build_wav2vec2(cfg.wav2vec2, seed=cfg.seed + 2))):
+        nets[name] = Network(name, _on_device(build, device), [
+            case(name, f"{w / FPS:.1f} s of 16 kHz audio -> {w} frames of features", w, plain[name], name, 7)])
 
     return [nets[n] for n in NETWORKS if n in names]  # in a fixed order, most important first
 

@@ -9,7 +9,7 @@ handing them on. ``eq=False`` because element-wise array equality has no single 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 

@@ -20,7 +20,7 @@ per render chunk and handed to the UNet3D and the exported denoiser as they are.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np

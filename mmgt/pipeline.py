@@ -38,7 +38,7 @@ from . import keypoints as K
 from .acoustic import librosa_features
 from .audio_io import frames_for_samples
 from .audio_proj import AudioProjModel, audio_windows
-from .config import FPS, MMGT, MMGTConfig
+from .config import MMGT, MMGTConfig
 from .contract import SAMPLES_PER_FRAME, Contract, Executor, Feeds, Shapes, TorchCall
 from .contracts import network_contracts
 from .image_encoder import build_clip, clip_preprocess, load_clip

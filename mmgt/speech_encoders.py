@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmgt.acoustic import librosa_features
 from mmgt.audio_io import PathLike, Waveform, _as_numpy_wave, _check_frames
 from mmgt.config import MMGTConfig, Wav2Vec2Config, WavLMConfig
 from mmgt.contract import SAMPLES_PER_FRAME, Contract, Dynamic, Shapes, tensor

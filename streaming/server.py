@@ -13,9 +13,8 @@ Routes (the signalling contract):
 * ``GET /health`` -- sessions running and the limit.
 
 The models and the avatar (one reference image) are loaded once and shared; every session has its own Runner,
-LiveSource, QueueSink and tracks (streaming/session.py). The denoiser and the ReferenceNet keep per-call state on the
-module (the reference bank), so concurrent sessions take turns on them through one lock (:func:`share_models`); on a
-CPU that costs nothing (the cores are busy either way), on a GPU it serialises kernels that would share it anyway.
+LiveSource, QueueSink and tracks (streaming/session.py). The model set is stateless (the reference bank, masks and
+audio tokens are call arguments), so sessions call it at the same time, with no lock around a network.
 
 A session ends when its peer connection closes or fails (ICE failure), when the page leaves (``/close``), when the
 client goes silent (no RTCP receiver report for ``idle_timeout`` seconds: it vanished), or when ICE does not connect
@@ -62,28 +61,6 @@ class ServerConfig:
 
 class BadRequest(Exception):
     """A client error: answered with HTTP 400 and this message."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Shared models
-# ----------------------------------------------------------------------------------------------------------------
-def share_models(models, lock: Optional[threading.Lock] = None):
-    """Make ``models`` safe to share between sessions: calls of the networks that keep per-call state on the module
-    (the denoiser's reference-bank reader, the ReferenceNet's bank recorder) take one lock. Returns the lock."""
-    lock = lock or threading.Lock()
-    for name in ("denoising_unet", "reference_unet"):
-        module = getattr(models, name)
-        if getattr(module, "_streaming_lock", None) is not None:
-            continue
-        inner = module.forward
-
-        def locked_forward(*args, _inner=inner, **kwargs):
-            with lock:
-                return _inner(*args, **kwargs)
-
-        module.forward = locked_forward  # instance attribute: nn.Module.__call__ looks it up on the instance
-        module._streaming_lock = lock
-    return lock
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,7 +163,6 @@ class AvatarServer:
     def __init__(self, models, avatar, config: ServerConfig = ServerConfig()):
         self.models, self.avatar, self.config = models, avatar, config
         self.layout = config.session.layout()  # bad live settings fail here, not at the first viewer
-        self.model_lock = share_models(models)
         self.sessions: Dict[str, Session] = {}
         self._pcs: Dict[str, object] = {}
         self._tasks: Dict[str, List[asyncio.Task]] = {}
@@ -479,5 +455,5 @@ def serve(models, avatar, config: ServerConfig) -> None:
     web.run_app(server.app(), host=config.host, port=config.port, print=None, handle_signals=True)
 
 
-__all__ = ["AvatarServer", "ServerConfig", "BadRequest", "share_models", "parse_port_range", "restrict_udp_ports",
+__all__ = ["AvatarServer", "ServerConfig", "BadRequest", "parse_port_range", "restrict_udp_ports",
            "pin_media_addresses", "check_offer", "serve", "speed_note"]

@@ -68,23 +68,26 @@ def cached_models(model_args: argparse.Namespace) -> Tuple[Any, float]:
         return models, time.perf_counter() - t
 
 
-# Compiled / CUDA-graphed denoisers of the current model set, one per CFG layout (jobs may switch guidance on or
-# off: the layout is part of the compiled shape), each warmed up once on the first job that needs it.
-_ACCELERATED: Dict[bool, Any] = {}
+# Compiled / CUDA-graphed model sets of the current models, one per call shapes (jobs may switch guidance on or off
+# or change the chunk: that is part of the compiled shapes), each warmed up once on the first job that needs it.
+_ACCELERATED: Dict[Any, Any] = {}
 
 
 def _accelerated(models, model_args: argparse.Namespace, settings: RenderSettings, avatar) -> Tuple[Any, float]:
     """(the job's ModelSet with --compile / --cuda-graphs applied, warm-up seconds paid now: 0 when cached)."""
     if not any(getattr(model_args, k, False) for k in _SPEED_KEYS):
         return models, 0.0
-    from engine.runner import Runner
+    import dataclasses
 
-    guidance = models.cfg.sampler.guidance if settings.guidance is None else settings.guidance
-    layout = guidance != 1.0
+    from engine.runner import Runner
+    from mmgt.contract import Shapes
+
+    layout = Shapes.from_settings(models.cfg, settings)
     with _CACHE_LOCK:
         if layout in _ACCELERATED:
             return _ACCELERATED[layout], 0.0
-        fast = accelerate_models(models, settings, compile=getattr(model_args, "compile", None) or False,
+        fast = accelerate_models(dataclasses.replace(models, shapes=layout),
+                                 compile=getattr(model_args, "compile", None) or False,
                                  cuda_graphs=bool(getattr(model_args, "cuda_graphs", False)))
         seconds = Runner(fast, avatar, settings).warm_up()
         _ACCELERATED[layout] = fast

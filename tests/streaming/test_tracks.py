@@ -2,15 +2,12 @@
 the port range and `engine serve --help` (no network, no rendering)."""
 import argparse
 import asyncio
-import threading
-import time
 
 import numpy as np
 import pytest
-import torch
 
 from engine.settings import LIVE
-from streaming.server import BadRequest, check_offer, parse_port_range, restrict_udp_ports, share_models
+from streaming.server import BadRequest, check_offer, parse_port_range, restrict_udp_ports
 from streaming.session import SessionOptions, structural_latency
 from streaming.tracks import AudioRecord, MediaClock, read_stamp, stamp_frame
 
@@ -148,39 +145,6 @@ def test_check_offer_accepts_a_video_receiving_offer():
 def test_check_offer_rejects_with_a_message(body, message):
     with pytest.raises(BadRequest, match=message):
         check_offer(body)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# shared models: calls of the stateful networks take turns
-# ----------------------------------------------------------------------------------------------------------------
-def test_share_models_serialises_the_stateful_networks():
-    class Slow(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inside, self.max_inside = 0, 0
-
-        def forward(self, x):
-            self.inside += 1
-            self.max_inside = max(self.max_inside, self.inside)
-            time.sleep(0.02)
-            self.inside -= 1
-            return x * 2
-
-    class Models:
-        denoising_unet, reference_unet = Slow(), Slow()
-
-    m = Models()
-    share_models(m)
-    wrapped = m.denoising_unet.forward
-    share_models(m)  # idempotent: a second call does not wrap again
-    assert m.denoising_unet.forward is wrapped
-    threads = [threading.Thread(target=lambda: m.denoising_unet(torch.ones(1))) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert m.denoising_unet.max_inside == 1
-    assert torch.equal(m.reference_unet(torch.ones(2)), torch.full((2,), 2.0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
