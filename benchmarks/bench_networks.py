@@ -9,8 +9,10 @@ shapes and ranges and the torch call the engine and the exported graphs use; not
     unet3d        one denoising step of a render chunk of C frames (bank, audio tokens, masks, pose features);
                   batch 1 (no CFG) and batch 2 (CFG: unconditional + conditional rows in one call)
     vae_decode    AutoencoderKL decode of C latents to frames          taesd_decode  AutoencoderTiny decoder, same
-    smga          one Stage I decoder step on an 80-frame window, without and with the CFG batch
+    smga          one Stage I decoder step on an 80-frame window, without and with the CFG batch; and the
+                  condition encoder (once per window)
     reference_net once per avatar: the reference latent -> attention bank
+    image_encoder once per avatar: CLIP image embedding                vae_encode    once per avatar: image -> latent
     pose_guider   C pose frames -> features                            audio_proj    C frames of wav2vec2 windows
     wavlm         WavLM on 3.2 s of audio (SMGA condition)             wav2vec2      wav2vec2 on 3.2 s (all layers)
 
@@ -52,7 +54,7 @@ log = logging.getLogger("benchmarks.bench_networks")
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 NETWORKS = ("unet3d", "vae_decode", "smga", "reference_net", "pose_guider", "audio_proj", "wavlm", "wav2vec2",
-            "taesd_decode")
+            "taesd_decode", "image_encoder", "vae_encode")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,6 +149,7 @@ def build_networks(cfg: MMGTConfig, chunk: int, device: torch.device, names: Seq
     from mmgt.audio_proj import AudioProjModel
     from mmgt.contract import Shapes
     from mmgt.contracts import network_contracts
+    from mmgt.image_encoder import build_clip
     from mmgt.pose_guider import PoseGuider
     from mmgt.smga import build_smga
     from mmgt.speech_encoders import build_wav2vec2, build_wavlm
@@ -189,8 +192,10 @@ def build_networks(cfg: MMGTConfig, chunk: int, device: torch.device, names: Seq
     # 3. Stage I denoiser: one DDIM step on the encoded condition (encoded once per window: smga_condition)
     smga_cases = [case("smga_step", f"1 decoder step, {w}-frame window, no CFG", w, plain["smga_denoise"], "smga", 3)]
     if "smga_denoise" in guided:
-        smga_cases.append(case("smga_step_cfg", f"1 decoder step, {w}-frame window, CFG batch of 2 (guidance "
-                                                f"{cfg.smga.guidance})", w, guided["smga_denoise"], "smga", 3))
+        smga_cases += [case("smga_step_cfg", f"1 decoder step, {w}-frame window, CFG batch of 2 (guidance "
+                                             f"{cfg.smga.guidance})", w, guided["smga_denoise"], "smga", 3),
+                       case("smga_condition", f"encode the audio condition of a {w}-frame window, with the null row",
+                            w, guided["smga_condition"], "smga", 3)]
     nets["smga"] = Network("smga", _on_device(lambda: build_smga(cfg.smga, seed=cfg.seed), device), smga_cases,
                            note="the audio condition is encoded once per window (smga_condition), not per step")
 
@@ -198,6 +203,14 @@ def build_networks(cfg: MMGTConfig, chunk: int, device: torch.device, names: Seq
     nets["reference_net"] = Network("reference_net", _on_device(reference_net, device), [
         case("reference_net", "1 reference image -> attention bank", None, plain["reference_unet"],
              "reference_unet", 4)], conv=True)
+
+    # 4b. the avatar's other encoders: CLIP embedding and the VAE's reference latent
+    nets["image_encoder"] = Network("image_encoder", _on_device(lambda: build_clip(cfg.clip, seed=cfg.seed + 4),
+                                                                device), [
+        case("image_encoder", "1 reference image -> CLIP context", None, plain["image_encoder"], "clip", 8)])
+    nets["vae_encode"] = Network("vae_encode", _on_device(lambda: build_vae(cfg.vae), device), [
+        case("vae_encode", f"1 reference image at {res}x{res} -> latent", None, plain["vae_encoder"], "vae", 9)],
+        conv=True)
 
     # 5. PoseGuider and audio projection on one chunk
     nets["pose_guider"] = Network("pose_guider", _on_device(lambda: PoseGuider(cfg.pose_guider), device), [

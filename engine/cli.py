@@ -39,6 +39,7 @@ def _wants_warm_up(args) -> bool:
 def _render(args, image_path: Path, audio_path: Path) -> int:
     from tqdm import tqdm
 
+    from engine.metrics import CallLog
     from engine.runner import Runner
     from engine.sinks import Mp4Sink
     from mmgt.audio_io import AudioError, load_audio
@@ -59,11 +60,12 @@ def _render(args, image_path: Path, audio_path: Path) -> int:
             poses = load_pose_file(args.pose)
         except (OSError, ValueError) as e:
             raise CLIError(str(e)) from e
-    # 2. models, avatar, run
-    models = load_model_set(args, settings)
+    # 2. models, avatar, run (every network call noted with its backend, for the metrics)
+    call_log = CallLog()
+    models = call_log.observe(load_model_set(args, settings))
     avatar = prepare_avatar(models, image, pose_file=args.init_pose, weights_dir=args.weights)
     log.info("initial pose: %s", avatar.pose_method)
-    runner = Runner(models, avatar, settings, poses=poses)
+    runner = Runner(models, avatar, settings, poses=poses, call_log=call_log)
     if _wants_warm_up(args):
         log.info("warming up (compile / graph capture) ...")
         runner.warm_up()

@@ -161,13 +161,11 @@ class RunMetrics:
 
 
 def describe(out: Any) -> Tuple[int, int]:
-    """(index, frames) of a stage output: a PoseWindow, a StageIIResult or a FrameBatch."""
+    """(index, frames) of a stage output: a PoseWindow (window number), a StageIIResult or a FrameBatch (chunk
+    number)."""
     if hasattr(out, "emit_to"):  # StageIIResult: the chunk's new frames
         return int(out.index), int(out.emit_to - out.emit_from)
-    index = getattr(out, "index", None)
-    if index is None:  # FrameBatch: identified by its first frame
-        index = getattr(out, "first_frame", -1)
-    return int(index), int(getattr(out, "n_frames", 0))
+    return int(getattr(out, "index", -1)), int(getattr(out, "n_frames", 0))
 
 
 # ----------------------------------------------------------------------------------------------------------------

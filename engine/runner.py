@@ -290,7 +290,7 @@ class Runner:
         """Decode: the new frames of a denoised chunk -> a FrameBatch (its host copy syncs this stage's stream only)."""
         with _after(result.ready, result.latents), metrics.gpu_span("decode"):
             frames = P.decode(self.models, result.new_latents)  # (n_new, R, R, 3) uint8
-        yield FrameBatch(frames=frames, first_frame=result.first_frame + result.emit_from, fps=FPS)
+        yield FrameBatch(frames=frames, first_frame=result.first_frame + result.emit_from, fps=FPS, index=result.index)
 
     # ------------------------------------------------------------------------------------------------------------
     def warm_up(self) -> float:

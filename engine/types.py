@@ -102,6 +102,7 @@ class FrameBatch:
     frames: np.ndarray  # (T, H, W, 3) uint8 RGB
     first_frame: int  # global frame index of frames[0]
     fps: int = FPS
+    index: int = -1  # the render chunk the frames came from (its number; -1 when they did not come from one)
 
     def __post_init__(self) -> None:
         f = _check_array("FrameBatch", "frames", self.frames, np.uint8, 4)

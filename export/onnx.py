@@ -185,7 +185,7 @@ def export_onnx(spec: Contract, models: Any, directory: Path, precision: str = "
     feeds = spec.sample_inputs(precision)
     args = tuple(feeds[n] for n in spec.input_names)
     raw_dir = directory / "raw"
-    raw_dir.mkdir()
+    raw_dir.mkdir(parents=True)
     try:
         # 1. trace and write (the exporter's own external-data layout, if any, stays in raw/)
         with torch.no_grad():  # mmgt's attention layers spell their math out while torch.onnx.export traces

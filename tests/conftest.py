@@ -112,3 +112,41 @@ def collecting_sink():
             return np.concatenate([b.frames for b in self.out])
 
     return CollectingSink
+
+
+EXPORT_CHUNK = 4  # the chunk the shared tiny artifacts are exported for
+
+
+def run_export_command(out, *extra: str):
+    """`engine export --preset tiny --out OUT --chunk 4 EXTRA...` in-process: (exit code, stdout, stderr, seconds)."""
+    import io
+    import time
+    from functools import partial
+
+    from engine.models import export_model_set
+    from export.cli import build_parser, run_export
+
+    args = build_parser().parse_args(["export", "--preset", "tiny", "--out", str(out), "--chunk",
+                                      str(EXPORT_CHUNK), *extra])
+    stdout, stderr = io.StringIO(), io.StringIO()
+    start = time.perf_counter()
+    rc = run_export(args, partial(export_model_set, args), out=stdout, err=stderr)
+    return rc, stdout.getvalue(), stderr.getvalue(), time.perf_counter() - start
+
+
+@pytest.fixture(scope="session")
+def tiny_exported(tmp_path_factory):
+    """Every network of the tiny preset exported once for the session (onnx, fp32, chunk 4), then the same command
+    again: (artifact directory, first run, second run), each run (exit code, stdout, stderr, seconds)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # faster exports; put back after: CPU sums depend on the count, later tests compare
+    try:
+        out = tmp_path_factory.mktemp("export") / "A"
+        first = run_export_command(out)
+        second = run_export_command(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert first[0] == 0, first[2]
+    return out, first, second

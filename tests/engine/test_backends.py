@@ -1,144 +1,130 @@
-"""Backends behind the pipeline: onnxruntime adapters reproduce the torch networks; bad artifacts are refused."""
+"""Backends as per-network executors of the contracts: onnxruntime reproduces the torch networks, every network of
+the pipeline (Stage I included) runs on the backend chosen for it, and bad artifacts are refused."""
 import copy
+import dataclasses
 import importlib.util
-import io
 import shutil
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
-from engine.backends import BackendUnavailable, IOSpec, apply_backend
-from engine.models import export_model_set
-from export.cli import build_parser, run_export
-from export.manifest import ONNX_NAME, STAGE2_NETWORKS, ArtifactError, ExportShapes
+from engine.backends import BackendUnavailable, IOSpec, use_backend
+from export.manifest import ONNX_NAME, ArtifactError
+from mmgt import keypoints as K
 from mmgt import pipeline as P
 from mmgt.config import TINY
+from mmgt.contract import Shapes
+from mmgt.contracts import NETWORKS
 
-CHUNK = 4
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    """The Stage II networks of the tiny preset, exported once for this module (onnx, fp32, chunk 4)."""
-    torch.set_num_threads(2)
-    out = tmp_path_factory.mktemp("backends") / "A"
-    args = build_parser().parse_args(["export", "--preset", "tiny", "--out", str(out), "--chunk", str(CHUNK),
-                                      "--only", *STAGE2_NETWORKS])
-    err = io.StringIO()
-    assert run_export(args, partial(export_model_set, args), out=io.StringIO(), err=err) == 0, err.getvalue()
-    return out
+from tests.conftest import EXPORT_CHUNK as CHUNK
 
 
 @pytest.fixture(scope="module")
-def shapes():
-    return ExportShapes.from_config(TINY, chunk=CHUNK)
+def artifacts(tiny_exported):
+    """Every network of the tiny preset, exported once for the session (onnx, fp32, chunk 4)."""
+    return tiny_exported[0]
 
 
 @pytest.fixture(scope="module")
-def chunk_inputs(tiny_models):
+def models(tiny_models):
+    """The tiny model set with its calls shaped for chunk 4 (what the artifacts were exported for)."""
+    return dataclasses.replace(tiny_models, shapes=Shapes.from_config(TINY, chunk=CHUNK))
+
+
+@pytest.fixture(scope="module")
+def chunk_inputs():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    avatar = P.prepare_avatar(tiny_models, image)
-    kps = avatar.init_pose[None].repeat(CHUNK, axis=0)
-    kps[:, :, :2] += rng.normal(0, 4, kps[:, :, :2].shape).astype(np.float32)  # some motion
-    frames, masks = P.pose_conditions(TINY, kps)
-    wav = (rng.standard_normal(CHUNK * 640) * 0.1).astype(np.float32)
-    return image, kps, frames, masks, wav
+    wav = (rng.standard_normal(int(3.2 * 16000)) * 0.1).astype(np.float32)
+    return image, wav
 
 
-def test_onnxruntime_render_chunk_matches_torch(artifacts, shapes, tiny_models, chunk_inputs):
-    image, _, frames, masks, wav = chunk_inputs
-    ort_models = apply_backend(tiny_models, "onnxruntime", artifacts, shapes)
-    assert type(ort_models.denoising_unet).__name__ == "DenoiserAdapter"
-    assert ort_models.smga is tiny_models.smga  # Stage I stays eager
-    # 1. avatar: ReferenceNet bank through the adapter
-    avatar = P.prepare_avatar(tiny_models, image)
-    avatar_ort = P.prepare_avatar(ort_models, image)
-    assert len(avatar_ort.bank) == len(avatar.bank)
-    assert max(float((a - b).abs().max()) for a, b in zip(avatar.bank, avatar_ort.bank)) <= 1e-3
-    # 2. audio tokens (audio projection) and one render_chunk call (pose guider + denoiser steps)
-    tokens = P.audio_tokens(tiny_models, wav, CHUNK)
-    tokens_ort = P.audio_tokens(ort_models, wav, CHUNK)
-    assert float((tokens - tokens_ort).abs().max()) <= 1e-3
-    inputs = P.ChunkInputs(pose_frames=frames, masks=masks, audio_tokens=tokens, first_frame=0)
-    latents = P.render_chunk(tiny_models, avatar, inputs, steps=2, guidance=1.0, seed=0)
-    latents_ort = P.render_chunk(ort_models, avatar_ort, inputs, steps=2, guidance=1.0, seed=0)
-    assert latents_ort.shape == latents.shape == (1, 4, CHUNK, 8, 8)
-    assert float((latents - latents_ort).abs().max()) <= 1e-3
-    # 3. VAE decode through the adapter
-    video = P.decode(tiny_models, latents)
-    video_ort = P.decode(ort_models, latents)
-    assert video_ort.shape == video.shape == (CHUNK, 64, 64, 3)
-    assert np.abs(video.astype(int) - video_ort.astype(int)).max() <= 1
+def _one_chunk(models, image, wav):
+    """Both stages through ``models``' calls: avatar, SMGA window, tokens, one chunk, decode."""
+    avatar = P.prepare_avatar(models, image)
+    cond = P.smga_condition(models, wav, TINY.smga.window)
+    poses = P.generate_poses(models, cond, K.pixel_to_smga(avatar.init_pose)[0], steps=2,
+                             generator=torch.Generator().manual_seed(0))
+    frames, masks = P.pose_conditions(TINY, K.smga_to_pixel(poses[:CHUNK]))
+    tokens = P.audio_tokens(models, wav[:CHUNK * 640], CHUNK)
+    chunk = P.StageIIChunk(index=0, first_frame=0, pose_frames=frames, masks=P.unet_masks(TINY, masks),
+                           audio_tokens=tokens, emit_from=0, emit_to=CHUNK)
+    result = P.render_chunk(models, avatar, chunk, steps=2, guidance=1.0, seed=0)
+    return {"bank": avatar.bank, "poses": torch.from_numpy(poses), "tokens": tokens, "latents": result.latents,
+            "video": torch.from_numpy(P.decode(models, result.latents).astype(np.float32))}
 
 
-def test_torch_backend_is_the_eager_network(shapes, tiny_models, chunk_inputs):
-    image, _, frames, masks, wav = chunk_inputs
-    torch_models = apply_backend(tiny_models, "torch", shapes=shapes)
-    avatar = P.prepare_avatar(tiny_models, image)
-    tokens = P.audio_tokens(tiny_models, wav, CHUNK)
-    assert torch.equal(P.audio_tokens(torch_models, wav, CHUNK), tokens)
-    inputs = P.ChunkInputs(pose_frames=frames, masks=masks, audio_tokens=tokens, first_frame=0)
-    a = P.render_chunk(tiny_models, avatar, inputs, steps=2, guidance=1.0, seed=0)
-    b = P.render_chunk(torch_models, P.prepare_avatar(torch_models, image), inputs, steps=2, guidance=1.0, seed=0)
-    assert torch.equal(a, b)
+def test_every_network_runs_on_onnxruntime_and_matches_torch(artifacts, models, chunk_inputs):
+    ort_models = use_backend(models, "onnxruntime", artifacts)
+    assert ort_models.backends() == {name: "onnxruntime" for name in NETWORKS}  # Stage I and the encoders too
+    assert ort_models.smga is models.smga  # the modules are shared, only the calls change
+    want, got = _one_chunk(models, *chunk_inputs), _one_chunk(ort_models, *chunk_inputs)
+    assert max(float((a - b).abs().max()) for a, b in zip(want["bank"], got["bank"])) <= 1e-3
+    for name in ("poses", "tokens", "latents"):
+        assert got[name].shape == want[name].shape
+        assert float((got[name] - want[name]).abs().max()) <= 2e-3, name
+    assert float((got["video"] - want["video"]).abs().max()) <= 1  # one level of rounding at most
 
 
-def test_audio_projection_splits_long_inputs(artifacts, shapes, tiny_models):
-    """More frames than the artifact's max (80) run in pieces, the short last one padded to the min."""
-    ort_models = apply_backend(tiny_models, "onnxruntime", artifacts, shapes, networks=("audio_proj",))
-    ap = TINY.audio_proj
-    windows = torch.randn(1, shapes.audio_frames_max + 5, ap.seq_len, ap.blocks, ap.channels,
-                          generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = tiny_models.audioproj(windows)
-    got = ort_models.audioproj(windows)
-    assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-3
+def test_torch_backend_is_the_contracts_torch_call(artifacts, models, chunk_inputs):
+    ort_models = use_backend(models, "onnxruntime", artifacts, networks=("audio_proj",))
+    assert ort_models.backends()["audio_proj"] == "onnxruntime" and ort_models.backends()["wav2vec2"] == "torch"
+    back = use_backend(ort_models, "torch")  # every network back on its torch call
+    assert set(back.backends().values()) == {"torch"} and not back.executors
+    want, got = _one_chunk(models, *chunk_inputs), _one_chunk(back, *chunk_inputs)
+    assert all(torch.equal(want[k], got[k]) for k in ("poses", "tokens", "latents", "video"))
 
 
-def test_missing_artifacts_are_refused_with_the_export_command(tmp_path, shapes, tiny_models):
+def test_missing_artifacts_are_refused_with_the_export_command(tmp_path, models):
     with pytest.raises(ArtifactError, match=r"no usable onnx artifact of .*run `engine export --preset tiny"):
-        apply_backend(tiny_models, "onnxruntime", tmp_path, shapes)
+        use_backend(models, "onnxruntime", tmp_path, networks=("pose_guider",))
     with pytest.raises(ArtifactError, match="needs --artifacts"):
-        apply_backend(tiny_models, "onnxruntime", None, shapes)
+        use_backend(models, "onnxruntime", None)
+    with pytest.raises(ValueError, match="unknown networks"):
+        use_backend(models, "onnxruntime", tmp_path, networks=("smga_step",))
 
 
-def test_other_shapes_or_weights_are_refused(artifacts, shapes, tiny_models):
+def test_other_shapes_or_weights_are_refused(artifacts, models):
+    chunk8 = dataclasses.replace(models, shapes=Shapes.from_config(TINY, chunk=8))
     with pytest.raises(ArtifactError, match=r"shapes.chunk is 4, wanted 8.*--chunk 8"):
-        apply_backend(tiny_models, "onnxruntime", artifacts, ExportShapes.from_config(TINY, chunk=8))
+        use_backend(chunk8, "onnxruntime", artifacts, networks=("pose_guider",))
+    cfg_run = dataclasses.replace(models, shapes=Shapes.from_config(TINY, chunk=CHUNK, guidance=3.5))
     with pytest.raises(ArtifactError, match=r"shapes.unet_batch is 1, wanted 2.*--guidance"):
-        apply_backend(tiny_models, "onnxruntime", artifacts, ExportShapes.from_config(TINY, chunk=CHUNK,
-                                                                                      guidance=3.5))
-    other = copy.copy(tiny_models)
-    other.pose_guider = copy.deepcopy(tiny_models.pose_guider)
+        use_backend(cfg_run, "onnxruntime", artifacts, networks=("denoising_unet",))
+    other = dataclasses.replace(models, pose_guider=copy.deepcopy(models.pose_guider))
     with torch.no_grad():
         other.pose_guider.conv_out.bias += 1e-3
     with pytest.raises(ArtifactError, match="other weights"):
-        apply_backend(other, "onnxruntime", artifacts, shapes)
-    apply_backend(other, "onnxruntime", artifacts, shapes, verify_weights=False)  # the user's explicit choice
+        use_backend(other, "onnxruntime", artifacts, networks=("pose_guider",))
+    use_backend(other, "onnxruntime", artifacts, networks=("pose_guider",), verify_weights=False)  # explicit
 
 
-def test_damaged_artifact_is_refused(artifacts, shapes, tiny_models, tmp_path):
+def test_damaged_artifact_is_refused(artifacts, models, tmp_path):
     copy_root = tmp_path / "A"
     shutil.copytree(artifacts, copy_root)
     (model,) = [p for p in (copy_root / "denoising_unet").glob(f"*/{ONNX_NAME}")]
     model.write_bytes(model.read_bytes()[:1000])
     with pytest.raises(ArtifactError, match="truncated"):
-        apply_backend(tiny_models, "onnxruntime", copy_root, shapes)
+        use_backend(models, "onnxruntime", copy_root, networks=("denoising_unet",))
 
 
-def test_adapters_check_what_the_pipeline_passes(artifacts, shapes, tiny_models, chunk_inputs):
-    ort_models = apply_backend(tiny_models, "onnxruntime", artifacts, shapes)
-    image, _, frames, masks, _ = chunk_inputs
-    avatar = P.prepare_avatar(ort_models, image)
-    pose = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 255.0
+def test_executors_check_what_the_pipeline_passes(artifacts, models):
+    ort_models = use_backend(models, "onnxruntime", artifacts, networks=("pose_guider",))
+    pose = torch.rand(1, 3, 2, 64, 64)
     with pytest.raises(ValueError, match=r"pose axis 2 is 2, the artifact takes 4"):
-        ort_models.pose_guider(pose[:, :, :2])
-    sample = torch.zeros(1, 4, CHUNK, 8, 8)
-    with pytest.raises(ValueError, match="uncond_rows=1"):
-        ort_models.denoising_unet(sample, torch.tensor([10]), avatar.context, uncond_rows=1)
+        ort_models.call("pose_guider", {"pose": pose})
+    with pytest.raises(ValueError, match=r"inputs missing \['pose'\], unexpected \['poses'\]"):
+        ort_models.call("pose_guider", {"poses": pose})
+
+
+def test_a_model_set_for_other_settings_is_refused_by_the_runner(artifacts, models, tiny_avatar):
+    from engine.runner import Runner
+    from engine.settings import OFFLINE
+
+    ort_models = use_backend(models, "onnxruntime", artifacts, networks=("pose_guider",))
+    with pytest.raises(ValueError, match="were made for .*chunk=4.*these settings need .*chunk=16"):
+        Runner(ort_models, tiny_avatar, OFFLINE)
 
 
 def test_iospec_reads_shapes_and_ranges():
@@ -150,8 +136,8 @@ def test_iospec_reads_shapes_and_ranges():
     assert spec.shape_for({"frames": 3}) == (3, 4, 8, 8)
 
 
-def test_tensorrt_backend_needs_tensorrt(tmp_path, shapes, tiny_models):
+def test_tensorrt_backend_needs_tensorrt(tmp_path, models):
     if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
         pytest.skip("TensorRT is available: see tests/export/test_tensorrt.py")
     with pytest.raises(BackendUnavailable, match="TensorRT is not installed|needs an NVIDIA GPU"):
-        apply_backend(tiny_models, "tensorrt", tmp_path, shapes)
+        use_backend(models, "tensorrt", tmp_path, networks=("pose_guider",))

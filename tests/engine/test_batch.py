@@ -384,7 +384,7 @@ def test_speed_flags_apply_once_per_cfg_layout(tiny_models, tiny_avatar, monkeyp
     from engine.runner import Runner
 
     made, warmed = [], []
-    monkeypatch.setattr(backends, "accelerate", lambda m, s, **kw: made.append(s.guidance) or dataclasses.replace(m))
+    monkeypatch.setattr(backends, "accelerate", lambda m, **kw: made.append(m.shapes.unet_batch) or dataclasses.replace(m))
     monkeypatch.setattr(Runner, "warm_up", lambda self: warmed.append(self.settings.guidance) or 1.5)
     monkeypatch.setattr(batch_job, "_ACCELERATED", {})
     plain = argparse.Namespace(compile=False, cuda_graphs=False)
@@ -393,7 +393,7 @@ def test_speed_flags_apply_once_per_cfg_layout(tiny_models, tiny_avatar, monkeyp
     a, wa = batch_job._accelerated(tiny_models, fast, OFFLINE.with_(guidance=1.0), tiny_avatar)
     b, wb = batch_job._accelerated(tiny_models, fast, OFFLINE.with_(guidance=3.5), tiny_avatar)
     c, wc = batch_job._accelerated(tiny_models, fast, OFFLINE.with_(guidance=2.0), tiny_avatar)
-    assert made == warmed == [1.0, 3.5] and (wa, wb, wc) == (1.5, 1.5, 0.0)
+    assert made == [1, 2] and warmed == [1.0, 3.5] and (wa, wb, wc) == (1.5, 1.5, 0.0)
     assert c is b and a is not b
     monkeypatch.undo()
     monkeypatch.setattr(batch_job, "_ACCELERATED", {})

@@ -133,14 +133,23 @@ def _frames(path: Path) -> np.ndarray:
 
 
 def test_onnxruntime_backend_render_matches_torch(tmp_path, speech_wav):
-    """engine export, then engine render --backend onnxruntime: the video matches the torch backend's (>= 35 dB)."""
+    """engine export, then engine render --backend onnxruntime: every network the run called (Stage I and the speech
+    encoders included) ran on onnxruntime, says the metrics JSON, and the video matches the torch backend's
+    (>= 35 dB)."""
+    import json
+
+    from mmgt.contracts import NETWORKS
+
     art = tmp_path / "artifacts"
-    assert main(["export", "--preset", "tiny", "--out", str(art), "--format", "onnx", "--chunk", "12",
-                 "--only", "audio_proj", "pose_guider", "reference_unet", "denoising_unet", "vae_decoder"]) == 0
+    assert main(["export", "--preset", "tiny", "--out", str(art), "--format", "onnx", "--chunk", "12"]) == 0
     common = ["--image", str(ROOT / "engine/assets/portrait.jpg"), "--audio", str(speech_wav), *FAST]
-    assert main(["render", *common, "--out", str(tmp_path / "torch.mp4")]) == 0
+    assert main(["render", *common, "--out", str(tmp_path / "torch.mp4"), "--metrics-json",
+                 str(tmp_path / "torch.json")]) == 0
     assert main(["render", *common, "--out", str(tmp_path / "ort.mp4"), "--backend", "onnxruntime",
-                 "--artifacts", str(art)]) == 0
+                 "--artifacts", str(art), "--metrics-json", str(tmp_path / "ort.json")]) == 0
+    ort = json.loads((tmp_path / "ort.json").read_text())["backends"]
+    assert ort == {name: "onnxruntime" for name in NETWORKS}, ort
+    assert json.loads((tmp_path / "torch.json").read_text())["backends"] == {name: "torch" for name in NETWORKS}
     a, b = _frames(tmp_path / "torch.mp4").astype(np.float64), _frames(tmp_path / "ort.mp4").astype(np.float64)
     assert a.shape == b.shape and len(a) == 75
     mse = np.mean((a - b) ** 2)

@@ -15,16 +15,18 @@ def chunk_case(portrait, speech):
 
     def run(dtype, compile_unet=False, cuda_graphs=False):
         from engine.backends import accelerate
-        from engine.settings import OFFLINE
+        from mmgt.contract import Shapes
 
-        models = P.build_models(TINY, device="cuda", dtype=dtype)
-        models = accelerate(models, OFFLINE.with_(guidance=2.0), compile=compile_unet, cuda_graphs=cuda_graphs)
+        shapes = Shapes.from_config(TINY, chunk=12, guidance=2.0)
+        models = P.build_models(TINY, device="cuda", dtype=dtype, shapes=shapes)
+        models = accelerate(models, compile=compile_unet, cuda_graphs=cuda_graphs)
         avatar = P.prepare_avatar(models, portrait)
         kps = np.repeat(avatar.init_pose[None], 12, axis=0)
         frames, masks = P.pose_conditions(TINY, kps)
         tokens = P.audio_tokens(models, speech[: 12 * 640], 12)
-        inputs = P.ChunkInputs(frames, masks, tokens, first_frame=0)
-        lat = P.render_chunk(models, avatar, inputs, steps=4, guidance=2.0, seed=0)
+        chunk = P.StageIIChunk(index=0, first_frame=0, pose_frames=frames, masks=P.unet_masks(TINY, masks),
+                               audio_tokens=tokens, emit_from=0, emit_to=12)
+        lat = P.render_chunk(models, avatar, chunk, steps=4, guidance=2.0, seed=0).latents
         return lat.float().cpu(), P.decode(models, lat)
 
     return run
@@ -80,12 +82,14 @@ def test_runner_with_cuda_graphs_matches_eager(portrait, speech, collecting_sink
     from mmgt import pipeline as P
     from mmgt.config import TINY
 
+    from mmgt.contract import Shapes
+
     settings = OFFLINE.with_(hop=40, chunk=12, overlap=4, steps=3, smga_steps=4)
-    models = P.build_models(TINY, device="cuda", dtype=torch.float32)
+    models = P.build_models(TINY, device="cuda", dtype=torch.float32, shapes=Shapes.from_settings(TINY, settings))
     avatar = P.prepare_avatar(models, portrait)
     eager, graphed = collecting_sink(), collecting_sink()
     Runner(models, avatar, settings).run(speech[: 64 * 640], eager)
-    runner = Runner(accelerate(models, settings, cuda_graphs=True), avatar, settings)
+    runner = Runner(accelerate(models, cuda_graphs=True), avatar, settings)
     runner.warm_up()
     runner.run(speech[: 64 * 640], graphed)
     a, b = eager.video().astype(int), graphed.video().astype(int)

@@ -1,5 +1,6 @@
 """StaticGraph: the buffer protocol of CUDA-graph replay (on the CPU without capture), and the accelerate() options."""
 import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 from engine.backends import BackendUnavailable, accelerate
 from engine.backends.graphs import GraphError, StaticGraph
 from mmgt import pipeline as P
+from mmgt.contract import Shapes
 
 
 def _affine(x, scale: float, extra=None):
@@ -95,9 +97,14 @@ def test_concurrent_callers_get_their_own_results(in_threads):
 
 
 def test_graphed_smga_step_samples_the_same_poses(tiny_models):
-    """The ModelSet hook the engine fills with a graphed SMGA step: same poses, one signature per run layout."""
-    graphed = StaticGraph(tiny_models.smga.guided_denoise, name="smga step", capture=False)
-    models = dataclasses.replace(tiny_models, smga_denoise=graphed)
+    """The SMGA step as the engine replays it (a StaticGraph around the contract's call, capture off on the CPU):
+    same poses, one signature per run layout."""
+    from engine.backends.torch_backend import TorchExecutor
+
+    step = TorchExecutor(tiny_models.contracts["smga_denoise"], tiny_models)
+    graphed = StaticGraph(step._positional, name="smga step", capture=False)
+    step.graph = graphed  # what cuda_graph=True does on a GPU, with capture off here
+    models = dataclasses.replace(tiny_models, executors={"smga_denoise": step})
     w = tiny_models.cfg.smga.window
     cond = torch.randn(w, tiny_models.cfg.smga.audio_dim, generator=torch.Generator().manual_seed(0))
     init = np.zeros(402, np.float32)
@@ -115,41 +122,41 @@ def test_accelerate_without_options_is_the_same_models_and_graphs_need_cuda(tiny
 
 def test_fixed_batch_decoder_matches_the_vae(tiny_models):
     """The accelerated decoder's shape: every call has DECODE_FRAMES_PER_CALL frames (the last one padded), and the
-    frames equal the plain VAE's up to the adapter's one rounding."""
-    from engine.backends import DECODE_FRAMES_PER_CALL, VAEAdapter
-    from engine.backends.torch_backend import TorchBackend
-    from export.manifest import ExportShapes
+    frames equal the plain decoder's."""
+    from engine.backends import DECODE_FRAMES_PER_CALL
+    from engine.backends.torch_backend import FixedFrames
 
-    backend = TorchBackend("vae_decoder", tiny_models, ExportShapes.from_config(tiny_models.cfg),
-                           fixed_frames=DECODE_FRAMES_PER_CALL)
+    plain = tiny_models.calls["vae_decoder"]
     seen = []
-    run = backend._run
-    backend._run = lambda feeds: seen.append(tuple(feeds["latents"].shape)) or run(feeds)
-    models = dataclasses.replace(tiny_models, vae=VAEAdapter(backend, tiny_models.vae, tiny_models.device,
-                                                            tiny_models.dtype))
+
+    def spy(feeds):
+        seen.append(tuple(feeds["latents"].shape))
+        return plain(feeds)
+
+    models = dataclasses.replace(tiny_models, executors={
+        "vae_decoder": FixedFrames(spy, DECODE_FRAMES_PER_CALL, input_name="latents", axis=0)})
     side = tiny_models.cfg.latent_size
     lat = torch.randn(1, 4, 6, side, side, generator=torch.Generator().manual_seed(0))
     ref, got = P.decode(tiny_models, lat), P.decode(models, lat)
     assert got.shape == ref.shape == (6, tiny_models.cfg.resolution, tiny_models.cfg.resolution, 3)
-    assert np.abs(got.astype(int) - ref).max() <= 1
+    assert np.array_equal(got, ref)
     assert seen == [(DECODE_FRAMES_PER_CALL, 4, side, side)] * 2  # 6 frames: 4 + (2 padded to 4)
 
 
-def test_accelerate_replaces_the_decoder_in_use(tiny_models, tiny_avatar, portrait):
+def test_accelerate_replaces_the_calls_of_the_decoder_in_use(tiny_models, tiny_avatar, portrait):
     """--compile wraps the denoiser and the decoder the run decodes with (the light one when set); nothing is
     compiled until the first call, and the avatar (VAE encoder, ReferenceNet) is prepared exactly as before."""
-    from engine.backends import DenoiserAdapter, VAEAdapter
     from mmgt.vae import build_tiny_decoder
 
     fast = accelerate(tiny_models, compile=True)
-    assert isinstance(fast.denoising_unet, DenoiserAdapter) and isinstance(fast.vae, VAEAdapter)
-    assert fast.decoder is None and tiny_models.vae is not fast.vae
+    assert fast.backends()["denoising_unet"] == "torch+compile" and fast.backends()["vae_decoder"] == "torch+compile"
+    assert fast.backends()["reference_unet"] == "torch" and fast.vae is tiny_models.vae  # modules are shared
     avatar = P.prepare_avatar(fast, portrait)
     assert torch.equal(avatar.ref_latent, tiny_avatar.ref_latent)
     assert all(torch.equal(a, b) for a, b in zip(avatar.bank, tiny_avatar.bank))
     light = dataclasses.replace(tiny_models, decoder=build_tiny_decoder(tiny_models.cfg.vae, channels=16, seed=1))
     fast = accelerate(light, compile=True)
-    assert isinstance(fast.decoder, VAEAdapter) and fast.vae is light.vae
+    assert fast.calls["vae_decoder"].executor.module.vae is light.decoder  # the light decoder is the one compiled
 
 
 @pytest.mark.slow
@@ -167,7 +174,8 @@ def test_compiled_runner_matches_eager_without_graph_breaks(tiny_models, tiny_av
     eager, compiled = collecting_sink(), collecting_sink()
     Runner(tiny_models, tiny_avatar, settings).run(audio, eager)
     counters.clear()
-    runner = Runner(accelerate(tiny_models, settings, compile=True), tiny_avatar, settings)
+    shaped = dataclasses.replace(tiny_models, shapes=Shapes.from_settings(tiny_models.cfg, settings))
+    runner = Runner(accelerate(shaped, compile=True), tiny_avatar, settings)
     runner.warm_up()
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     runner.run(audio, compiled)

@@ -60,7 +60,7 @@ def test_seams_are_no_worse_than_motion(run_fast):
         assert diffs[i] <= 2 * inside, f"seam after frame {i}: {diffs[i]:.2f} vs inside mean {inside:.2f}"
 
 
-def test_same_seed_same_frames_and_chunking_invariance(tiny_models, tiny_avatar, speech, run_fast, collecting_sink):
+def test_same_seed_same_frames_other_seed_other_frames(tiny_models, tiny_avatar, run_fast, collecting_sink):
     audio, sink, _ = run_fast
     again = collecting_sink()
     Runner(tiny_models, tiny_avatar, FAST).run(audio, again)
@@ -68,6 +68,33 @@ def test_same_seed_same_frames_and_chunking_invariance(tiny_models, tiny_avatar,
     other = collecting_sink()
     Runner(tiny_models, tiny_avatar, FAST.with_(seed=5)).run(audio, other)
     assert np.abs(other.video().astype(int) - sink.video()).mean() > 1
+
+
+def test_offline_and_streamed_renders_give_the_same_frames(tiny_models, tiny_avatar, run_fast, collecting_sink):
+    """The same audio rendered offline (all known at once) and streamed in pieces of every size -- 20 ms, one odd
+    size, one frame and a half -- with the stages overlapped or strictly one after the other: the same frames.
+    (A stream's windows read hop + window - hop frames of audio: the offline plan exactly.)"""
+    from engine.types import AudioChunk
+
+    audio, offline, _ = run_fast
+    for piece, overlapped in ((320, True), (1999, True), (960, False)):
+        chunks = [AudioChunk(audio[i:i + piece], i) for i in range(0, len(audio), piece)]
+        streamed = collecting_sink()
+        Runner(tiny_models, tiny_avatar, FAST, overlapped=overlapped).run_stream(iter(chunks), streamed)
+        np.testing.assert_array_equal(streamed.video(), offline.video(), err_msg=f"pieces of {piece} samples")
+
+
+def test_another_chunk_layout_tiles_the_same_clock(tiny_models, tiny_avatar, run_fast, collecting_sink):
+    """Other render chunks (size and overlap) emit every frame once, in order: chunk j > 0 brings the frames
+    [16 + 8 (j - 1), 16 + 8 j). The frames themselves change, through the temporal context a chunk gives the
+    motion modules."""
+    audio, sink, _ = run_fast
+    other = collecting_sink()
+    report = Runner(tiny_models, tiny_avatar, FAST.with_(chunk=16, overlap=8)).run(audio, other)
+    assert report.frames == FRAMES == len(other.video()) and report.chunks == 1 + -(-(FRAMES - 16) // 8)
+    assert [b.first_frame for b in other.out] == [0] + [16 + 8 * j for j in range(report.chunks - 1)]
+    assert [b.n_frames for b in other.out] == [16] + [8] * (report.chunks - 2) + [FRAMES - 16 - 8 * (report.chunks - 2)]
+    assert np.abs(other.video().astype(int) - sink.video()).mean() > 0
 
 
 def test_stream_mode_matches_frame_count(tiny_models, tiny_avatar, speech, collecting_sink):
@@ -220,7 +247,28 @@ def test_steady_fps_leaves_the_fill_time_out():
     assert steady_fps(RunReport(frames=5, wall_seconds=2.0)) == 2.5  # one batch: the plain rate
 
 
-def test_probe_measures_the_settings_on_this_machine(tiny_models, tiny_avatar):
+def test_probe_streams_enough_audio_and_reports_the_steady_rate(tiny_models, tiny_avatar, monkeypatch):
+    """probe() streams near-silence for at least ``seconds`` and for 6 chunks after the first and 3 pose windows,
+    all at once, and returns the steady rate of that run (the fill time left out)."""
+    from engine.runner import RunReport, StageEvent, steady_fps
+
     runner = Runner(tiny_models, tiny_avatar, FAST)
-    fps = runner.probe(seconds=1.5)
-    assert 0 < fps < 10_000
+    seen, report = [], RunReport(frames=90, wall_seconds=2.0)
+    for i, end in enumerate((1.0, 1.5, 2.0)):
+        report.add_event(StageEvent("sink", i, end - 0.1, end, 30))
+
+    def fake_stream(chunks, sink, **kwargs):
+        seen.extend(chunks)
+        return report
+
+    monkeypatch.setattr(runner, "run_stream", fake_stream)
+    assert runner.probe(seconds=0.5) == steady_fps(report) == pytest.approx(60.0)
+    (chunk,) = seen  # one piece: the engine runs flat out
+    needed = max(int(0.5 * 25), CHUNK + 6 * (CHUNK - OVERLAP), 3 * HOP)  # frames
+    assert chunk.start_sample == 0 and chunk.n_samples == needed * 640
+    assert 0 < np.abs(chunk.samples).max() < 0.01  # near-silence, not exact zeros (librosa's chroma warns on those)
+
+
+def test_probe_runs_the_real_engine(tiny_models, tiny_avatar):
+    fps = Runner(tiny_models, tiny_avatar, FAST).probe(seconds=1.5)
+    assert fps > 5  # the tiny preset on one CPU thread renders dozens of frames a second

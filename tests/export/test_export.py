@@ -1,9 +1,7 @@
 """`engine export` on the tiny preset: every network to ONNX, checked, compared with torch, cached, validated."""
+import dataclasses
 import importlib.util
-import io
 import json
-import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,29 +9,13 @@ import onnx
 import pytest
 import torch
 
-from engine.backends.torch_backend import TorchBackend
-from engine.models import export_model_set
-from export.cli import build_parser, run_export
-from export.manifest import (MANIFEST_NAME, NETWORKS, ONNX_DATA_NAME, ONNX_NAME, ExportShapes, read_manifest,
-                             validate_artifact)
+from export.manifest import MANIFEST_NAME, ONNX_DATA_NAME, ONNX_NAME, read_manifest, validate_artifact
 from export.onnx import export_onnx, finalize_onnx, ort_session
-from export.specs import network_specs
 from mmgt.config import TINY
-
-CHUNK = 4
-
-
-def _args(out: Path, *extra: str):
-    return build_parser().parse_args(["export", "--preset", "tiny", "--out", str(out), "--chunk", str(CHUNK),
-                                      *extra])
-
-
-def _run(out: Path, *extra: str):
-    stdout, stderr = io.StringIO(), io.StringIO()
-    start = time.perf_counter()
-    args = _args(out, *extra)
-    rc = run_export(args, partial(export_model_set, args), out=stdout, err=stderr)
-    return rc, stdout.getvalue(), stderr.getvalue(), time.perf_counter() - start
+from mmgt.contract import Shapes
+from mmgt.contracts import NETWORKS, network_contracts
+from tests.conftest import EXPORT_CHUNK as CHUNK
+from tests.conftest import run_export_command as _run
 
 
 def _artifact(root: Path, network: str) -> Path:
@@ -43,18 +25,19 @@ def _artifact(root: Path, network: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tiny_exported):
     """All networks exported once (the first run), then the same command again (the second run)."""
-    torch.set_num_threads(2)
-    out = tmp_path_factory.mktemp("export") / "A"
-    first = _run(out)
-    second = _run(out)
-    return out, first, second
+    return tiny_exported
 
 
 @pytest.fixture(scope="module")
 def shapes():
-    return ExportShapes.from_config(TINY, chunk=CHUNK)
+    return Shapes.from_config(TINY, chunk=CHUNK)
+
+
+@pytest.fixture(scope="module")
+def contracts(shapes):
+    return network_contracts(TINY, shapes)
 
 
 def test_first_run_builds_every_network(exported):
@@ -64,33 +47,36 @@ def test_first_run_builds_every_network(exported):
         assert name in stdout  # one progress line and one summary row per network
         manifest = validate_artifact(_artifact(out, name))
         assert manifest["network"] == name and manifest["format"] == "onnx" and manifest["precision"] == "fp32"
-    assert "10 built" in stdout
+    assert f"{len(NETWORKS)} built" in stdout
 
 
 @pytest.mark.parametrize("network", NETWORKS)
-def test_onnx_checker_and_parity_with_torch(exported, network, tiny_models, shapes):
-    """onnx.checker passes and onnxruntime matches the eager torch network (max abs diff <= 1e-3)."""
+def test_onnx_checker_and_parity_with_torch(exported, network, tiny_models, shapes, contracts):
+    """onnx.checker passes and onnxruntime matches the model set's torch call of the network (max abs diff <= 1e-3),
+    at the contract's shapes and, for a dynamic axis, at its smallest size too."""
     out = exported[0]
     directory = _artifact(out, network)
     onnx.checker.check_model(str(directory / ONNX_NAME))
     manifest = read_manifest(directory)
     assert manifest["info"]["parity"]["passed"] and manifest["info"]["parity"]["max_abs_diff"] <= 1e-3
-    # an independent check: the torch backend's own name -> module mapping against the artifact
-    spec = network_specs(TINY, shapes)[network]
-    feeds = spec.sample_inputs(seed=7)
+    # an independent check: the engine's torch call of the network (the model set's) against the artifact
+    spec = contracts[network]
+    call = dataclasses.replace(tiny_models, shapes=shapes).calls[network]
     session = ort_session(directory / ONNX_NAME)
-    got = session.run(list(spec.output_names), {k: v.numpy() for k, v in feeds.items()})
-    want = TorchBackend(network, tiny_models, shapes)(feeds)
-    for name, value in zip(spec.output_names, got):
-        diff = float(np.abs(value - want[name].float().numpy()).max())
-        assert diff <= 1e-3, f"{network}.{name}: onnxruntime vs torch max abs diff {diff}"
-        assert float(want[name].abs().max()) > 0  # a non-trivial output
+    for point in spec.profile_points():
+        feeds = spec.sample_inputs(seed=7, sizes=point)
+        got = session.run(list(spec.output_names), {k: v.numpy() for k, v in feeds.items()})
+        want = call(feeds)
+        for name, value in zip(spec.output_names, got):
+            diff = float(np.abs(value - want[name].float().numpy()).max())
+            assert diff <= 1e-3, f"{network}.{name} at {point}: onnxruntime vs torch max abs diff {diff}"
+            assert float(want[name].abs().max()) > 0  # a non-trivial output
 
 
 def test_second_run_reuses_everything_quickly(exported):
     _, (_, _, _, t_first), (rc, stdout, stderr, t_second) = exported
     assert rc == 0, stderr
-    assert "10 cached" in stdout and "built" not in stdout
+    assert f"{len(NETWORKS)} cached" in stdout and "built" not in stdout
     assert t_second < 0.1 * t_first, f"second run {t_second:.1f} s vs first {t_first:.1f} s"
 
 
@@ -100,7 +86,8 @@ def test_manifest_describes_the_artifact(exported, shapes):
     fields = manifest["key_fields"]
     names = [t["name"] for t in fields["io"]["inputs"]]
     assert names[:5] == ["sample", "timestep", "context", "pose_features", "audio_tokens"]
-    assert "mask_lip_2" in names and "bank_09" in names
+    assert names[5:8] == ["mask_0", "mask_1", "mask_2"] and names[-1] == "bank_09"  # one layout per mask level
+    assert fields["io"]["inputs"][5]["shape"] == [1, CHUNK, 3, shapes.latent ** 2]  # full, face, lip on axis 2
     assert fields["io"]["inputs"][0]["shape"] == [1, 4, CHUNK, shapes.latent, shapes.latent]
     assert fields["shapes"] == {"chunk": CHUNK, "resolution": 64, "unet_batch": 1}
     assert fields["opset"] >= 17 and manifest["info"]["onnx"]["opset"] >= 17
@@ -138,7 +125,7 @@ def test_truncated_or_edited_artifacts_are_rebuilt_or_refused(tmp_path):
     assert rc == 1 and "not exported yet" in stderr
 
 
-def test_fp16_export_is_a_new_artifact(tmp_path, shapes):
+def test_fp16_export_is_a_new_artifact(tmp_path, contracts):
     out = tmp_path / "C"
     assert _run(out, "--only", "pose_guider")[0] == 0
     rc, stdout, stderr, _ = _run(out, "--only", "pose_guider", "--fp16")
@@ -149,7 +136,7 @@ def test_fp16_export_is_a_new_artifact(tmp_path, shapes):
     fp16 = manifests["fp16"]
     assert fp16["key_fields"]["io"]["inputs"][0]["dtype"] == "float16"
     assert fp16["info"]["parity"]["passed"] and fp16["info"]["parity"]["tolerance"] == 5e-2
-    assert network_specs(TINY, shapes)["smga_step"].precision("fp16") == "fp32"  # Stage I stays fp32
+    assert contracts["smga_denoise"].precision("fp16") == "fp32"  # Stage I stays fp32
 
 
 def test_tensorrt_fails_fast_without_tensorrt(tmp_path):
@@ -182,9 +169,9 @@ def test_usage_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("engine export: error:") and "--weights DIR" in err[0], err
 
 
-def test_large_models_go_to_one_external_data_file(tmp_path, tiny_models, shapes):
+def test_large_models_go_to_one_external_data_file(tmp_path, tiny_models, contracts):
     """The >2 GB path, forced with a zero threshold: model.onnx + model.onnx.data, checked and still exact."""
-    spec = network_specs(TINY, shapes)["vae_decoder"]
+    spec = contracts["vae_decoder"]
     info = export_onnx(spec, tiny_models, tmp_path, external_threshold=0)
     assert info["files"] == [ONNX_NAME, ONNX_DATA_NAME]
     assert (tmp_path / ONNX_NAME).stat().st_size < (tmp_path / ONNX_DATA_NAME).stat().st_size
@@ -208,22 +195,18 @@ def test_large_models_go_to_one_external_data_file(tmp_path, tiny_models, shapes
     assert np.array_equal(a, b)
 
 
-def test_export_leaves_the_shared_models_unchanged(tmp_path, tiny_models, shapes):
-    """Attention math switched for export is switched back; an fp16 export works on a copy."""
+def test_export_leaves_the_shared_models_unchanged(tmp_path, tiny_models, contracts):
+    """Exporting switches nothing on the shared networks (the export math of attention applies while tracing only);
+    an fp16 export works on a copy."""
     from mmgt.attention import AttnProcessor, attention_modules
 
-    from export.onnx import export_attention
-
-    unet = tiny_models.denoising_unet
-
     def backends():
-        return {n: l.processor.backend for n, l in attention_modules(unet).items()
+        return {n: l.processor.backend for n, l in attention_modules(tiny_models.denoising_unet).items()
                 if isinstance(l.processor, AttnProcessor)}
 
     before = backends()
-    with export_attention(unet):
-        assert set(backends().values()) == {"export"}
+    export_onnx(contracts["reference_unet"], tiny_models, tmp_path / "ref", parity=False)
     assert backends() == before and set(before.values()) == {"sdpa"}
     weight = tiny_models.pose_guider.conv_in.weight.detach().clone()
-    export_onnx(network_specs(TINY, shapes)["pose_guider"], tiny_models, tmp_path, precision="fp16")
+    export_onnx(contracts["pose_guider"], tiny_models, tmp_path / "pg", precision="fp16")
     assert torch.equal(tiny_models.pose_guider.conv_in.weight, weight)  # same dtype, same values

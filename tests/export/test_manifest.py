@@ -10,21 +10,22 @@ import pytest
 import torch
 
 from export.cli import key_fields
-from export.manifest import (MANIFEST_NAME, ONNX_NAME, ArtifactError, ExportShapes, atomic_directory, cache_key,
-                             config_hash, find_artifact, make_manifest, network_weights, validate_artifact,
-                             weights_digest, write_manifest)
-from export.specs import network_specs
+from export.manifest import (MANIFEST_NAME, ONNX_NAME, ArtifactError, atomic_directory, cache_key, config_hash,
+                             find_artifact, make_manifest, network_weights, validate_artifact, weights_digest,
+                             write_manifest)
 from mmgt.config import TINY
+from mmgt.contract import Shapes
+from mmgt.contracts import network_contracts
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _keys(cfg=TINY, models=None, precision="fp32", opset=17, **shape_args):
-    shapes = ExportShapes.from_config(cfg, **{"chunk": 4, **shape_args})
-    specs = network_specs(cfg, shapes)
+    shapes = Shapes.from_config(cfg, **{"chunk": 4, "smga_guidance": 2.0, **shape_args})
+    specs = network_contracts(cfg, shapes)
     out = {}
     for name, spec in specs.items():
-        digest = weights_digest(network_weights(models, name)) if models is not None else "w"
+        digest = weights_digest(network_weights(models, spec)) if models is not None else "w"
         out[name] = cache_key(key_fields(spec, cfg, shapes, digest, "onnx", spec.precision(precision), opset))
     return out
 
@@ -36,10 +37,15 @@ def test_chunk_changes_only_the_networks_it_shapes():
 
 
 def test_window_changes_the_stage1_keys():
-    a, b = _keys(), _keys(window=40)
-    assert a["smga_step"] != b["smga_step"] and a["wavlm"] != b["wavlm"] and a["wav2vec2"] != b["wav2vec2"]
-    assert "smga_step_guided" not in b  # the null condition has 80 tokens
+    a, b = _keys(), _keys(window=40, smga_guidance=1.0)
+    assert a["smga_denoise"] != b["smga_denoise"] and a["wavlm"] != b["wavlm"] and a["wav2vec2"] != b["wav2vec2"]
+    assert "smga_denoise" not in _keys(window=40)  # guided: the null condition has 80 tokens
     assert a["denoising_unet"] == b["denoising_unet"]
+
+
+def test_smga_guidance_changes_only_the_stage1_keys():
+    a, b = _keys(smga_guidance=2.0), _keys(smga_guidance=1.0)
+    assert {n for n in a if a[n] != b[n]} == {"smga_condition", "smga_denoise"}
 
 
 def test_guidance_changes_the_denoiser_batch_and_key():
@@ -50,13 +56,12 @@ def test_guidance_changes_the_denoiser_batch_and_key():
 def test_precision_and_opset_change_the_key():
     a, b, c = _keys(), _keys(precision="fp16"), _keys(opset=18)
     assert a["pose_guider"] != b["pose_guider"] and a["pose_guider"] != c["pose_guider"]
-    assert a["smga_step"] == b["smga_step"]  # Stage I is exported in fp32 whatever is asked
+    assert a["smga_denoise"] == b["smga_denoise"]  # Stage I is exported in fp32 whatever is asked
 
 
 def test_weights_change_the_key(tiny_models):
     a = _keys(models=tiny_models)
-    other = copy.copy(tiny_models)
-    other.pose_guider = copy.deepcopy(tiny_models.pose_guider)
+    other = replace(tiny_models, pose_guider=copy.deepcopy(tiny_models.pose_guider))
     with torch.no_grad():
         other.pose_guider.conv_in.weight[0, 0, 0, 0] += 1e-3
     b = _keys(models=other)
@@ -73,12 +78,13 @@ def test_runtime_config_fields_do_not_change_the_key():
 
 def test_weights_digest_matches_across_dtypes(tiny_models):
     """Export records the fp16 digest of its fp32 weights; a model held in fp16 at run time matches it."""
-    mods = network_weights(tiny_models, "pose_guider")
+    contracts = tiny_models.contracts
+    mods = network_weights(tiny_models, contracts["pose_guider"])
     half = {k: copy.deepcopy(m).half() for k, m in mods.items()}
     assert weights_digest(half, "float16") == weights_digest(mods, "float16")
     assert weights_digest(half) != weights_digest(mods)
-    assert weights_digest(network_weights(tiny_models, "vae_decoder")) != \
-        weights_digest(network_weights(tiny_models, "vae_encoder"))
+    assert weights_digest(network_weights(tiny_models, contracts["vae_decoder"])) != \
+        weights_digest(network_weights(tiny_models, contracts["vae_encoder"]))
 
 
 def _artifact(tmp_path, fields=None, payload=b"model bytes"):

@@ -1,7 +1,7 @@
 """TensorRT plans of the tiny preset (needs TensorRT and a CUDA GPU; skipped otherwise).
 
 Builds fp16 plans of the Stage II networks with a timing cache, checks the cache/manifest fields, and runs one
-render_chunk through the TensorRT adapters against the eager torch networks.
+render_chunk through the TensorRT executors against the eager torch networks.
 """
 import io
 from functools import partial
@@ -12,11 +12,12 @@ import torch
 
 from engine.models import export_model_set
 from export.cli import build_parser, run_export
-from export.manifest import PLAN_NAME, STAGE2_NETWORKS, ExportShapes, validate_artifact
+from export.manifest import PLAN_NAME, validate_artifact
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
 
 CHUNK = 4
+STAGE2_NETWORKS = ("audio_proj", "pose_guider", "reference_unet", "denoising_unet", "vae_decoder")
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +54,15 @@ def test_plans_are_built_with_manifest_and_timing_cache(trt_artifacts):
 
 
 def test_tensorrt_render_chunk_matches_torch(trt_artifacts, tiny_models):
-    from engine.backends import apply_backend
+    from engine.backends import use_backend
     from mmgt import pipeline as P
     from mmgt.config import TINY
+    from mmgt.contract import Shapes
 
     root, _ = trt_artifacts
-    models = P.build_models(TINY, device="cuda", dtype=torch.float16)
-    shapes = ExportShapes.from_config(TINY, chunk=CHUNK)
-    trt_models = apply_backend(models, "tensorrt", root / "A", shapes)
-    graph_models = apply_backend(models, "tensorrt", root / "A", shapes, cuda_graph=True)
+    models = P.build_models(TINY, device="cuda", dtype=torch.float16, shapes=Shapes.from_config(TINY, chunk=CHUNK))
+    trt_models = use_backend(models, "tensorrt", root / "A", networks=STAGE2_NETWORKS)
+    graph_models = use_backend(models, "tensorrt", root / "A", networks=STAGE2_NETWORKS, cuda_graph=True)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
     wav = (rng.standard_normal(CHUNK * 640) * 0.1).astype(np.float32)
@@ -70,10 +71,11 @@ def test_tensorrt_render_chunk_matches_torch(trt_artifacts, tiny_models):
     kps = np.repeat(avatar.init_pose[None], CHUNK, axis=0)
     frames, masks = P.pose_conditions(TINY, kps)
     tokens = P.audio_tokens(models, wav, CHUNK)
-    inputs = P.ChunkInputs(pose_frames=frames, masks=masks, audio_tokens=tokens, first_frame=0)
-    want = P.render_chunk(models, avatar, inputs, steps=2, guidance=1.0, seed=0).float()
-    got = P.render_chunk(trt_models, avatar_trt, inputs, steps=2, guidance=1.0, seed=0).float()
-    again = P.render_chunk(graph_models, avatar_trt, inputs, steps=2, guidance=1.0, seed=0).float()
+    chunk = P.StageIIChunk(index=0, first_frame=0, pose_frames=frames, masks=P.unet_masks(TINY, masks),
+                           audio_tokens=tokens, emit_from=0, emit_to=CHUNK)
+    want = P.render_chunk(models, avatar, chunk, steps=2, guidance=1.0, seed=0).latents.float()
+    got = P.render_chunk(trt_models, avatar_trt, chunk, steps=2, guidance=1.0, seed=0).latents.float()
+    again = P.render_chunk(graph_models, avatar_trt, chunk, steps=2, guidance=1.0, seed=0).latents.float()
     scale = float(want.abs().max())
     assert float((got - want).abs().max()) <= 5e-2 * max(scale, 1.0)
     assert torch.allclose(again, got, atol=1e-3)  # the CUDA-graph replay computes the same plan
