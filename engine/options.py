@@ -80,7 +80,8 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
     """--backend torch|onnxruntime|tensorrt and --artifacts DIR."""
     b = p.add_argument_group("backend")
     b.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
-                   help="runtime for the Stage II networks (onnxruntime/tensorrt need `engine export` artifacts)")
+                   help="runtime of every network, Stage I and the speech encoders included (onnxruntime/tensorrt "
+                        "need the artifacts `engine export` writes for this run's chunk and guidance)")
     b.add_argument("--artifacts", type=Path, help="directory written by `engine export` (for onnxruntime/tensorrt)")
 
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import torch
 
-from engine.backends import Backend, BackendUnavailable, IOSpec
+from engine.backends.base import Backend, BackendUnavailable, IOSpec
 from export.manifest import ONNX_NAME
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from engine.backends import Backend, BackendUnavailable, IOSpec
+from engine.backends.base import Backend, BackendUnavailable, IOSpec
 from export.manifest import PLAN_NAME
 
 log = logging.getLogger(__name__)

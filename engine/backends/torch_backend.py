@@ -31,7 +31,7 @@ class TorchExecutor:
         self._call = torch.compile(self._positional, dynamic=False, mode=mode) if compile else self._positional
         self.graph = None
         if cuda_graph:
-            from engine.backends import BackendUnavailable
+            from engine.backends.base import BackendUnavailable
             from engine.backends.graphs import StaticGraph
 
             if torch.device(self.device).type != "cuda":
