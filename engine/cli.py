@@ -6,9 +6,11 @@
     engine export ...                                         ONNX / TensorRT artifacts (see `engine export --help`)
     engine serve                                              the live avatar over WebRTC (see `engine serve --help`)
     engine batch JOBS.jsonl --out-dir DIR                     many renders from a manifest, resumable (optional Ray)
+    engine weights fetch|check|convert DIR                    download, verify or convert the release weights
+    engine doctor [--weights DIR]                             what this machine has for the engine, what is missing
 
 Every command defaults to the built-in ``tiny`` preset (random weights, untrained: its frames are not a real avatar).
-Use ``--weights DIR`` (the release layout, see ``python -m mmgt.weights --help``) for the real model.
+Use ``--weights DIR`` (the release layout; ``engine weights fetch DIR`` downloads it) for the real model.
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from engine.batch.cli import add_batch_parser
+from engine.doctor import add_doctor_parser
 from engine.models import export_model_set, load_model_set, prepare_avatar
 from engine.options import (ASSETS, CLIError, add_backend_flags, add_model_flags, add_settings_flags, check_output,
                             read_image, settings_from, setup_logging)
 from engine.settings import OFFLINE
+from engine.weights_cmd import add_weights_parser
 
 log = logging.getLogger("engine")
 
@@ -153,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub).set_defaults(func=cmd_export)
     add_serve_parser(sub)
     add_batch_parser(sub)
+    add_weights_parser(sub)
+    add_doctor_parser(sub)
     return ap
 
 

@@ -27,8 +27,8 @@ log = logging.getLogger("engine")
 class ModelOptions:
     """What a command asks of its model set (the flags of engine/options.py add_model_flags and add_backend_flags)."""
 
-    preset: Optional[str] = None  # built-in preset (None: mmgt.config.DEFAULT_PRESET); ignored with weights
-    weights: Optional[Path] = None  # release weights directory; implies the 'mmgt' sizes
+    preset: Optional[str] = None  # built-in preset, the sizes (None: 'mmgt' with weights, else DEFAULT_PRESET)
+    weights: Optional[Path] = None  # release weights directory, loaded at the preset's sizes
     device: Optional[str] = None  # torch device (None: cuda if available, else cpu)
     dtype: Optional[str] = None  # Stage II compute dtype fp32 / fp16 / bf16 (None: fp16 on a GPU, fp32 on a CPU)
     tiny_decoder: Optional[Path] = None  # local AutoencoderTiny directory that decodes instead of the SD VAE
@@ -42,6 +42,14 @@ class ModelOptions:
     def from_args(cls, args) -> "ModelOptions":
         """The options among parsed flags (a command without a flag gets the field's default)."""
         return cls(**{f.name: getattr(args, f.name, f.default) for f in fields(cls)})
+
+    @property
+    def preset_name(self) -> str:
+        """The preset that gives the networks' sizes: --preset, else the release's ('mmgt') with --weights, else the
+        default preset."""
+        from mmgt.config import DEFAULT_PRESET
+
+        return self.preset or ("mmgt" if self.weights is not None else DEFAULT_PRESET)
 
 
 def resolve_device(device: Optional[str]) -> str:
@@ -60,18 +68,17 @@ def load_model_set(options: Union[ModelOptions, Any], settings: RenderSettings):
     import torch
 
     from mmgt import pipeline as P
-    from mmgt.config import DEFAULT_PRESET, MMGT, get_preset
+    from mmgt.config import get_preset
     from mmgt.contract import Shapes
 
     opts = options if isinstance(options, ModelOptions) else ModelOptions.from_args(options)
     device = resolve_device(opts.device)
-    threads = opts.threads or (1 if device == "cpu" and opts.weights is None
-                               and (opts.preset or DEFAULT_PRESET) == "tiny" else None)
+    threads = opts.threads or (1 if device == "cpu" and opts.preset_name == "tiny" else None)
     if threads:
         torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         opts.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
-    cfg = MMGT if opts.weights is not None else get_preset(opts.preset or DEFAULT_PRESET)
+    cfg = get_preset(opts.preset_name)
     try:
         shapes = Shapes.from_settings(cfg, settings)
     except ValueError as e:
@@ -80,7 +87,7 @@ def load_model_set(options: Union[ModelOptions, Any], settings: RenderSettings):
         models = P.load_models(opts.weights, cfg, device=device, dtype=dtype, shapes=shapes)
     else:
         models = P.build_models(cfg, device=device, dtype=dtype, shapes=shapes)
-    if not models.cfg.trained:
+    if not models.cfg.trained and opts.weights is None:
         log.warning("preset %r: %s", models.cfg.name, P.UNTRAINED_NOTE)
     if opts.tiny_decoder is not None:
         from mmgt.vae import load_tiny_decoder

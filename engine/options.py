@@ -29,14 +29,15 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     from mmgt.config import DEFAULT_PRESET, PRESETS
 
     g = p.add_argument_group("model")
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                     help=f"built-in model preset (default {DEFAULT_PRESET!r}: toy widths, seeded random weights, "
-                          "runs on a CPU, output is untrained noise). 'mmgt' alone has the release's sizes but random "
-                          "weights; use --weights for the trained model")
-    src.add_argument("--weights", metavar="DIR", type=Path,
-                     help="release weights directory (MMGT_pretrained/, stable-diffusion-v1-5/, sd-vae-ft-mse/, ...); "
-                          "implies the 'mmgt' sizes. Nothing is downloaded")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help=f"built-in model preset (default {DEFAULT_PRESET!r}: toy widths, seeded random weights, "
+                        "runs on a CPU, output is untrained noise). 'mmgt' alone has the release's sizes but random "
+                        "weights; use --weights for the trained model. With --weights it gives the sizes the "
+                        "weights must fit")
+    g.add_argument("--weights", metavar="DIR", type=Path,
+                   help="release weights directory (MMGT_pretrained/, stable-diffusion-v1-5/, sd-vae-ft-mse/, ...; "
+                        "`engine weights fetch DIR` downloads it), at the sizes of --preset (default 'mmgt'). "
+                        "Nothing is downloaded at run time")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="Stage II compute dtype (default: fp16 on GPU, fp32 on CPU)")

@@ -230,6 +230,11 @@ def save_models(models: ModelSet, root) -> ReleaseLayout:
     models.vae.save_pretrained(str(layout.vae))
     models.clip.save_pretrained(str(layout.image_encoder))
     models.wav2vec2.save_pretrained(str(layout.wav2vec2))
+    # the release directory (wav2vec2-base-960h) has its feature extractor's settings too; do_normalize is read back
+    from transformers import Wav2Vec2FeatureExtractor
+
+    Wav2Vec2FeatureExtractor(do_normalize=bool(getattr(models.wav2vec2.config, "normalize_input", True)),
+                             return_attention_mask=False).save_pretrained(str(layout.wav2vec2))
     models.wavlm.save_pretrained(str(layout.root / "WavLM-Large"))
     return layout
 

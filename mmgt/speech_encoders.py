@@ -33,6 +33,7 @@ from mmgt.audio_io import PathLike, Waveform, _as_numpy_wave, _check_frames
 from mmgt.config import MMGTConfig, Wav2Vec2Config, WavLMConfig
 from mmgt.contract import SAMPLES_PER_FRAME, Contract, Dynamic, Shapes, tensor
 from mmgt.seeding import seeded
+from mmgt.weights import prefer_twin, safetensors_metadata
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
     from transformers import Wav2Vec2Model, WavLMModel
@@ -256,11 +257,44 @@ def _torch_load(path: Path, allow_pickle: bool):
         return torch.load(str(path), map_location="cpu", weights_only=False)
 
 
+WAVLM_TWIN_CFG = "unilm_cfg"  # safetensors metadata key of a WavLM-Large twin: the checkpoint's cfg as JSON
+
+
+def wavlm_unilm_parts(ckpt, path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """(state dict, cfg dict) of a unilm checkpoint {'cfg': dict, 'model': state dict}; anything else is an error."""
+    if not isinstance(ckpt, Mapping) or "cfg" not in ckpt or "model" not in ckpt:
+        keys = list(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a unilm WavLM checkpoint (expected keys 'cfg' and 'model', found {keys})")
+    ucfg = ckpt["cfg"] if isinstance(ckpt["cfg"], Mapping) else vars(ckpt["cfg"])
+    return {k: v for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor)}, dict(ucfg)
+
+
+def wavlm_twin_content(ckpt, path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """What the safetensors twin of WavLM-Large.pt holds: its state dict, and its cfg as JSON metadata."""
+    tensors, ucfg = wavlm_unilm_parts(ckpt, path)
+    try:
+        return tensors, {WAVLM_TWIN_CFG: json.dumps(ucfg)}
+    except TypeError as e:
+        raise ValueError(f"{path}: the checkpoint's cfg is not plain data ({e}); cannot convert it") from e
+
+
+def read_wavlm_twin(path: PathLike) -> Dict:
+    """A WavLM-Large twin read back as the unilm checkpoint dict it was made from."""
+    from safetensors.torch import load_file
+
+    meta = safetensors_metadata(path)
+    if WAVLM_TWIN_CFG not in meta:
+        raise ValueError(f"{path}: no '{WAVLM_TWIN_CFG}' metadata; not a WavLM twin written by `engine weights "
+                         "convert`")
+    return {"cfg": json.loads(meta[WAVLM_TWIN_CFG]), "model": load_file(str(path))}
+
+
 def load_wavlm(path_or_dir: PathLike, cfg: WavLMConfig, allow_pickle: bool = False) -> "WavLMModel":
     """WavLM from a transformers directory (config.json + weights, local files only) or unilm's WavLM-Large.pt.
 
-    The unilm checkpoint ({'cfg': dict, 'model': state dict}) is checked against ``cfg``, renamed with
-    WAVLM_UNILM_TO_HF and loaded strictly: missing or unexpected keys are an error naming them. Returns eval mode.
+    The unilm checkpoint ({'cfg': dict, 'model': state dict}; or its safetensors twin, preferred when fresh) is
+    checked against ``cfg``, renamed with WAVLM_UNILM_TO_HF and loaded strictly: missing or unexpected keys are an
+    error naming them. Returns eval mode.
     """
     from transformers import WavLMModel
 
@@ -275,19 +309,20 @@ def load_wavlm(path_or_dir: PathLike, cfg: WavLMConfig, allow_pickle: bool = Fal
         if not hasattr(model.config, "normalize_input"):
             model.config.normalize_input = True
         return model.eval()
+    path = prefer_twin(path)  # the safetensors twin of WavLM-Large.pt, when `engine weights convert` made one
     if not path.is_file():
         raise ValueError(f"{path}: no such WavLM checkpoint (file or directory)")
 
     # 1. the unilm checkpoint: {'cfg': dict, 'model': state dict}
-    ckpt = _torch_load(path, allow_pickle)
-    if not isinstance(ckpt, Mapping) or "cfg" not in ckpt or "model" not in ckpt:
-        keys = list(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
-        raise ValueError(f"{path}: not a unilm WavLM checkpoint (expected keys 'cfg' and 'model', found {keys})")
-    ucfg = ckpt["cfg"] if isinstance(ckpt["cfg"], Mapping) else vars(ckpt["cfg"])
+    if path.suffix == ".safetensors":
+        ckpt = read_wavlm_twin(path)
+    else:
+        ckpt = _torch_load(path, allow_pickle)
+    tensors, ucfg = wavlm_unilm_parts(ckpt, path)
     hf_cfg = _wavlm_config_from_unilm(path, ucfg, cfg)
 
     # 2. rename to transformers keys
-    state, unmatched = remap_state_dict(ckpt["model"], WAVLM_UNILM_TO_HF)
+    state, unmatched = remap_state_dict(tensors, WAVLM_UNILM_TO_HF)
     with seeded(0):  # every value is overwritten below; seeding only keeps the global RNG untouched
         model = WavLMModel(hf_cfg)
     proj = "feature_projection.projection"

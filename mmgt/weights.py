@@ -15,6 +15,11 @@ Rules: checkpoints are read with safetensors or ``torch.load(weights_only=True)`
 :class:`WeightsError` names the file and every missing, unexpected or mis-shaped key. Our modules use the release's
 key names, so the remap tables below only handle wrappers (``module.``) and the Stage II prefixes.
 
+A pickled checkpoint (``.pt``/``.pth``) may have a *safetensors twin* beside it, written once by ``engine weights
+convert`` (:func:`write_twin`): same stem, ``.safetensors``, holding the tensors its loader uses. The twin records the
+size and mtime of the pickle it was made from; while they still match, :class:`ReleaseLayout` and
+:func:`read_checkpoint` read the twin instead, so a load never unpickles. The pickle is never deleted.
+
 ``python -m mmgt.weights --check-layout ../shared/mmgt_keys`` builds the release-size networks on the meta device
 (no memory, no weights) and compares their state-dict layout with the key lists of the release.
 """
@@ -26,6 +31,7 @@ import logging
 import pickle
 import re
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -36,6 +42,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec"
+PICKLE_SUFFIXES = (".pt", ".pth")  # pickled checkpoints that may have a safetensors twin
+# safetensors metadata of a twin: the pickle it was converted from, as it was then (a changed pickle -> stale twin)
+TWIN_STAMP_KEYS = ("mmgt_source_name", "mmgt_source_size", "mmgt_source_mtime_ns")
 
 # Stage II: net-32500.pth prefix -> attribute of the Stage II module set (see STAGE2_PARTS).
 STAGE2_PREFIXES: Tuple[str, ...] = ("reference_unet.", "denoising_unet.", "pose_guider.", "audioproj.")
@@ -64,12 +73,12 @@ class ReleaseLayout:
     root: Path  # the --weights directory
 
     @property
-    def smga(self) -> Path:  # Stage I checkpoint
-        return self.root / "MMGT_pretrained" / "stage_1" / "audio2pose_best_model.pt"
+    def smga(self) -> Path:  # Stage I checkpoint (its safetensors twin when fresh)
+        return prefer_twin(self.root / "MMGT_pretrained" / "stage_1" / "audio2pose_best_model.pt")
 
     @property
-    def net(self) -> Path:  # every trained Stage II weight
-        return self.root / "MMGT_pretrained" / "stage_2" / "process_2" / "net-32500.pth"
+    def net(self) -> Path:  # every trained Stage II weight (its safetensors twin when fresh)
+        return prefer_twin(self.root / "MMGT_pretrained" / "stage_2" / "process_2" / "net-32500.pth")
 
     @property
     def unet_config(self) -> Path:  # SD1.5 UNet config.json
@@ -88,9 +97,11 @@ class ReleaseLayout:
         return self.root / "wav2vec" / "wav2vec2-base-960h"
 
     @property
-    def wavlm(self) -> Path:  # unilm WavLM-Large.pt, else a transformers directory WavLM-Large/
+    def wavlm(self) -> Path:  # unilm WavLM-Large.pt (or its twin), else a transformers directory WavLM-Large/
         pt, hf = self.root / "WavLM-Large.pt", self.root / "WavLM-Large"
-        return hf if not pt.exists() and hf.is_dir() else pt
+        if not pt.exists() and not safetensors_twin(pt).exists() and hf.is_dir():
+            return hf
+        return prefer_twin(pt)
 
     @property
     def dwpose(self) -> Path:  # DWPose ONNX directory
@@ -143,9 +154,90 @@ class _TensorOnlyPickleModule:
     __name__ = "mmgt_tensor_only_pickle"
 
 
-def read_checkpoint(path: Path | str) -> dict:
-    """Read a checkpoint file into a dict; every failure is a :class:`WeightsError` naming the file."""
+def safetensors_twin(path: Path | str) -> Path:
+    """Where ``engine weights convert`` writes the safetensors copy of a pickled checkpoint: beside it, same stem."""
+    return Path(path).with_suffix(".safetensors")
+
+
+def _source_stamp(path: Path) -> Dict[str, str]:
+    st = path.stat()
+    return dict(zip(TWIN_STAMP_KEYS, (path.name, str(st.st_size), str(st.st_mtime_ns))))
+
+
+def safetensors_metadata(path: Path | str) -> Dict[str, str]:
+    """The string metadata of a safetensors file (header only); a truncated or corrupt file is a WeightsError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types
+        raise WeightsError(f"{path}: not a complete safetensors file ({e}); truncated or corrupt?") from e
+
+
+def prefer_twin(path: Path | str) -> Path:
+    """The file a loader should read for ``path``: the safetensors twin of a pickled checkpoint when it was made from
+    the pickle as it is now (or the pickle is gone), else ``path`` itself."""
     p = Path(path)
+    twin = safetensors_twin(p)
+    if p.suffix not in PICKLE_SUFFIXES or not twin.is_file():
+        return p
+    if not p.exists():
+        return twin
+    try:
+        meta = safetensors_metadata(twin)
+    except WeightsError as e:
+        log.warning("%s; reading %s instead", e, p.name)
+        return p
+    if {k: meta.get(k) for k in TWIN_STAMP_KEYS} == _source_stamp(p):
+        return twin
+    log.warning("%s: made from another version of %s (run `engine weights convert` again); reading the pickle",
+                twin, p.name)
+    return p
+
+
+def write_twin(source: Path | str, tensors: Mapping[str, torch.Tensor],
+               metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """Write ``tensors`` as the safetensors twin of the pickled ``source``, atomically, stamped with the source's
+    size and mtime; the file is read back and must hold the same keys, dtypes and values before it replaces
+    anything. The source is left as it is."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = Path(source)
+    twin = safetensors_twin(src)
+    plain: Dict[str, torch.Tensor] = {}
+    seen = set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        plain[k] = v.clone() if ptr in seen else v  # safetensors refuses tensors that share memory (tied weights)
+        seen.add(ptr)
+    tmp = twin.with_name(f".{twin.name}.tmp")
+    try:
+        save_file(plain, str(tmp), metadata={**(metadata or {}), **_source_stamp(src)})
+        with safe_open(str(tmp), framework="pt") as f:  # one tensor at a time: no second copy of a large file
+            keys = set(f.keys())
+            bad = sorted(keys ^ set(plain))
+            for k in sorted(keys & set(plain)):
+                back = f.get_tensor(k)
+                if back.dtype != plain[k].dtype or not torch.equal(back, plain[k]):
+                    bad.append(k)
+        if bad:
+            raise WeightsError(f"{twin}: read back differs from {src.name} at {', '.join(bad[:8])}")
+        tmp.replace(twin)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return twin
+
+
+def read_checkpoint(path: Path | str, prefer_safetensors: bool = True, meta: bool = False) -> dict:
+    """Read a checkpoint file into a dict; every failure is a :class:`WeightsError` naming the file.
+
+    ``prefer_safetensors``: read a pickle's fresh safetensors twin instead (:func:`prefer_twin`). ``meta``: shapes
+    only, for layout checks of multi-GB files: safetensors tensors come on the meta device from the header, torch
+    checkpoints are memory-mapped (their data is not read)."""
+    p = prefer_twin(path) if prefer_safetensors else Path(path)
     if not p.is_file():
         raise WeightsError(f"{p}: file not found")
     size = p.stat().st_size
@@ -157,14 +249,19 @@ def read_checkpoint(path: Path | str) -> dict:
         raise WeightsError(f"{p}: is a git-lfs pointer file ({size} bytes), not the weights; run `git lfs pull` in "
                            "the weights repository to fetch the real file")
     if p.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         try:
+            if meta:
+                with safe_open(str(p), framework="pt") as f:
+                    return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
             return dict(load_file(str(p), device="cpu"))
         except Exception as e:  # safetensors raises its own error types
             raise WeightsError(f"{p}: not a readable safetensors file ({e}); truncated or corrupt?") from e
+    mmap = meta and zipfile.is_zipfile(p)  # only the zip format maps; a truncated zip fails below, named
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "weights_only" not in str(e) and "global" not in str(e).lower():
             raise WeightsError(f"{p}: cannot be unpickled ({e}); truncated or corrupt?") from e
@@ -173,7 +270,7 @@ def read_checkpoint(path: Path | str) -> dict:
         raise WeightsError(f"{p}: cannot be read as a torch checkpoint ({type(e).__name__}: {e}); "
                            "truncated or corrupt?") from e
     try:
-        return torch.load(p, map_location="cpu", weights_only=False, pickle_module=_TensorOnlyPickleModule)
+        return torch.load(p, map_location="cpu", weights_only=False, pickle_module=_TensorOnlyPickleModule, mmap=mmap)
     except Exception as e:
         raise WeightsError(f"{p}: cannot be read ({type(e).__name__}: {e})") from e
 
@@ -301,17 +398,22 @@ def split_stage2(state: Mapping[str, torch.Tensor], path: Path | str) -> Dict[st
     return parts
 
 
+def stage2_tensors(obj, path: Path | str) -> Dict[str, torch.Tensor]:
+    """The tensors of a net-32500 checkpoint dict (flat, or under 'state_dict'), keys as in the file."""
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
 def load_stage2(modules: Mapping[str, nn.Module], path: Path | str) -> None:
     """Strictly load net-32500.pth into {'reference_unet', 'denoising_unet', 'pose_guider', 'audioproj'} modules.
 
     All parts are checked before any is loaded, so a bad file leaves every module untouched, and the one error
     lists the problems of every part.
     """
-    obj = read_checkpoint(path)
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    parts = split_stage2(tensors, path)
+    parts = split_stage2(stage2_tensors(read_checkpoint(path), path), path)
     problems = []
     for name, module in modules.items():
         rep = compare_layout(name, shapes_of(module.state_dict()), shapes_of(parts[name]))
@@ -395,6 +497,19 @@ def release_layouts(cfg=None) -> Dict[str, Callable[[], Dict[str, Tuple[int, ...
 
 
 KEY_FILES = {"smga": "smga_gesture_decoder_keys_shapes.json", "net": "net_state_dict_keys_shapes.json"}
+
+# What each release checkpoint's loader takes from the file (also what its safetensors twin holds).
+CHECKPOINT_TENSORS: Dict[str, Callable[[Mapping, Path | str], Dict[str, torch.Tensor]]] = {
+    "smga": smga_state_from_checkpoint,
+    "net": lambda obj, path: remap_keys(stage2_tensors(obj, path), STAGE2_REMAP),
+}
+
+
+def check_checkpoint(path: Path | str, name: str, cfg=None) -> LayoutReport:
+    """The strict key check of one release checkpoint ('smga' or 'net') against ``cfg``'s networks, without loading
+    either: the networks are built on the meta device and the file's tensor data is not read."""
+    obj = read_checkpoint(path, meta=True)
+    return compare_layout(name, release_layouts(cfg)[name](), shapes_of(CHECKPOINT_TENSORS[name](obj, path)))
 
 
 def check_layout(keys_dir: Path | str, names: Iterable[str] = ("smga", "net")) -> List[LayoutReport]:

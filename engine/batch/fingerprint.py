@@ -41,12 +41,12 @@ def fingerprint(inputs: Dict[str, Dict[str, Any]], settings: RenderSettings, mod
 
 def model_identity(args) -> Dict[str, Any]:
     """The model flags that change the frames (the device does not: a job rendered on a GPU is done on a CPU too)."""
-    from mmgt.config import DEFAULT_PRESET
+    from engine.models import ModelOptions
 
     weights = str(Path(args.weights).resolve()) if getattr(args, "weights", None) else None
     backend = getattr(args, "backend", "torch")
     artifacts = getattr(args, "artifacts", None)
-    return {"preset": "mmgt" if weights else (args.preset or DEFAULT_PRESET), "weights": weights,
+    return {"preset": ModelOptions.from_args(args).preset_name, "weights": weights,
             "dtype": args.dtype, "backend": backend,
             "artifacts": str(Path(artifacts).resolve()) if artifacts and backend != "torch" else None}
 

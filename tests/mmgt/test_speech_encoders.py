@@ -121,6 +121,34 @@ def test_unilm_checkpoint_round_trip(tmp_path):
     assert torch.equal(A.wavlm_features(raw, wav, 16), A.wavlm_features(model, wav, 16, normalize=False))
 
 
+def test_unilm_checkpoint_safetensors_twin(tmp_path, monkeypatch):
+    """`engine weights convert` of WavLM-Large.pt: the twin carries the state dict and the cfg, and load_wavlm reads
+    it without unpickling."""
+    from mmgt.weights import read_checkpoint, write_twin
+
+    cfg = replace(TINY.wavlm, conv_dim=(24,) * 7)
+    model = A.build_wavlm(cfg, seed=7)
+    unilm_sd, _ = A.remap_state_dict(model.state_dict(), A.WAVLM_HF_TO_UNILM)
+    path = tmp_path / "WavLM-Large.pt"
+    torch.save({"cfg": unilm_cfg(cfg, normalize=False), "model": unilm_sd}, path)
+    twin = write_twin(path, *A.wavlm_twin_content(read_checkpoint(path), path))
+    assert twin.name == "WavLM-Large.safetensors"
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    loaded = A.load_wavlm(path, cfg)
+    assert loaded.config.normalize_input is False  # the cfg travelled in the metadata
+    wav = noise(9_999, seed=2)
+    assert torch.equal(A.wavlm_features(loaded, wav, 16), A.wavlm_features(model, wav, 16, normalize=False))
+    with pytest.raises(ValueError, match=r"WavLM-Large\.safetensors: no 'unilm_cfg' metadata"):
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "WavLM-Large.safetensors"))
+        A.read_wavlm_twin(tmp_path / "WavLM-Large.safetensors")
+
+
 def test_unilm_without_post_extract_proj_loads_as_identity(tmp_path):
     cfg = TINY.wavlm  # conv width 32 == hidden 32: unilm builds no post_extract_proj
     model = A.build_wavlm(cfg, seed=5)

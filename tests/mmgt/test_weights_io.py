@@ -82,3 +82,46 @@ def test_remap_module_prefix():
 def test_split_stage2_rejects_stray_keys():
     with pytest.raises(W.WeightsError, match=r"net\.pth: keys under no Stage II prefix.*vae\.x"):
         W.split_stage2({"pose_guider.conv_in.weight": torch.zeros(1), "vae.x": torch.zeros(1)}, "net.pth")
+
+
+def test_safetensors_twin_is_preferred_while_fresh(tmp_path, caplog):
+    """write_twin: read back and equal; prefer_twin / read_checkpoint take it until the pickle changes; a shared
+    (tied) tensor is written too; the pickle stays."""
+    net = Net()
+    state = dict(net.state_dict(), tied=net.a.weight)  # shares memory with a.weight
+    src = tmp_path / "ck.pt"
+    torch.save({"ema_state_dict": state, "normalizer": Normaliser()}, src)
+    pickled = src.read_bytes()
+    twin = W.write_twin(src, W.smga_state_from_checkpoint(W.read_checkpoint(src), src), {"note": "x"})
+    assert twin == tmp_path / "ck.safetensors" and src.read_bytes() == pickled
+    assert W.safetensors_metadata(twin)["note"] == "x"
+    assert W.prefer_twin(src) == twin
+    got = W.read_checkpoint(src)  # the twin: flat tensors, no pickle read
+    assert set(got) == set(state) and all(torch.equal(got[k], v) for k, v in state.items())
+    # the loader of a .pt takes the twin's flat dict as it takes the pickle's nested one
+    fresh = Net()
+    W.load_strict(fresh, {k: v for k, v in W.smga_state_from_checkpoint(got, src).items() if k != "tied"}, "t")
+    assert torch.equal(fresh.b.bias, net.b.bias)
+    # meta: shapes only, from the header
+    meta = W.read_checkpoint(src, meta=True)
+    assert meta["a.weight"].device.type == "meta" and tuple(meta["a.weight"].shape) == (4, 3)
+    # a changed pickle: the twin is stale, the pickle is read (with a warning) until converted again
+    torch.save({"ema_state_dict": Net(width=5).state_dict()}, src)
+    with caplog.at_level("WARNING"):
+        assert W.prefer_twin(src) == src
+    assert "run `engine weights convert` again" in caplog.text
+    assert W.read_checkpoint(src)["ema_state_dict"]["a.weight"].shape == (5, 3)
+    # the pickle removed: the twin stands for it
+    src.unlink()
+    assert W.prefer_twin(src) == twin
+
+
+def test_twin_of_a_truncated_file_is_not_used(tmp_path):
+    net = Net()
+    src = tmp_path / "ck.pth"
+    torch.save(net.state_dict(), src)
+    twin = W.write_twin(src, net.state_dict())
+    twin.write_bytes(twin.read_bytes()[:-10])
+    assert W.prefer_twin(src) == src
+    with pytest.raises(W.WeightsError, match=r"ck\.safetensors: not a complete safetensors file"):
+        W.safetensors_metadata(twin)

@@ -137,3 +137,17 @@ def test_key_list_copy_matches_shared():
         assert sorted(p.name for p in shared.glob("*.json")) == names
         for name in names:
             assert (copy / name).read_bytes() == (shared / name).read_bytes(), name
+
+
+def test_check_checkpoint_reads_shapes_only(release_dir):
+    """The key check of `engine weights check`: meta-device networks against the file's shapes, no tensor data."""
+    from dataclasses import replace
+
+    from mmgt.weights import check_checkpoint
+
+    for name in ("smga", "net"):
+        rep = check_checkpoint(getattr(release_dir, name), name, TINY)
+        assert rep.ok and rep.n_expected > 100, rep.line()
+    wider = replace(TINY, smga=replace(TINY.smga, latent_dim=TINY.smga.latent_dim * 2))
+    rep = check_checkpoint(release_dir.smga, "smga", wider)
+    assert not rep.ok and rep.shape_mismatch
