@@ -186,3 +186,18 @@ def write_media():
     return write
 
 
+
+@pytest.fixture(scope="session")
+def write_wav():
+    """``write_wav(path, data, rate)``: (C, n) float in [-1, 1] -> 16-bit PCM wav with the standard library (PyAV
+    cannot build planar frames of 8 channels or more); returns the (C, n) float32 samples the file holds."""
+    import wave
+
+    def write(path, data, rate):
+        pcm = np.round(np.clip(data, -1.0, 1.0) * 32767).astype("<i2")  # (C, n)
+        with wave.open(str(path), "wb") as w:
+            w.setnchannels(pcm.shape[0]), w.setsampwidth(2), w.setframerate(rate)
+            w.writeframes(np.ascontiguousarray(pcm.T).tobytes())  # interleaved (n, C)
+        return pcm.astype(np.float32) / 32768.0
+
+    return write

@@ -154,6 +154,18 @@ def test_mono_16k_wav_is_mono_16k_aac(tmp_path, write_media):
     assert default_aac_bitrate(1, 16000) == 96_000 and info["bit_rate"] <= 96_000 * 1.15  # AAC's most at 16 kHz
 
 
+def test_8_channel_wav_becomes_stereo_aac(tmp_path, write_wav):
+    """More channels than AAC keeps (5.1): mixed down to stereo, still fitted to the video."""
+    t = np.arange(48000) / 48000
+    x = np.stack([0.1 * np.sin(2 * np.pi * (300 + 100 * k) * t) for k in range(8)])  # (8, n)
+    src = tmp_path / "eight.wav"
+    write_wav(src, x, 48000)
+    assert SourceAudio.probe(src).channels == 8
+    info = _streams(_sink_render(src, tmp_path / "e.mp4", 25))
+    assert (info["codec"], info["rate"], info["channels"], info["frames"]) == ("aac", 48000, 2, 25)
+    assert info["audio_seconds"] == pytest.approx(1.0, abs=1 / 48000)
+
+
 def test_m4a_source_is_copied_not_reencoded(tmp_path, write_media):
     x = _sweeps(48000, 2.0)
     src = write_media(tmp_path / "talk.m4a", x, 48000, "aac", "mp4")

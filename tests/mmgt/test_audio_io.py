@@ -57,6 +57,28 @@ def test_other_containers_and_codecs(tmp_path, write_media, name, codec, fmt, ra
     assert np.abs(wav).max() <= 1.0
 
 
+def test_8_channel_wav_loads_as_the_mean_of_its_channels(tmp_path, write_wav):
+    """Eight channels (each its own tone and level) at 16 kHz: no resampling, so the result is exactly the mean of
+    the channels. PyAV's planar frames of >= 8 channels used to crash the process here (a segfault in to_ndarray)."""
+    t = np.arange(16_000) / 16_000
+    x = np.stack([0.1 * (1 + k % 4) * np.sin(2 * np.pi * (200 + 150 * k) * t) for k in range(8)])  # (8, n)
+    held = write_wav(tmp_path / "eight.wav", x, 16_000)
+    wav = A.load_audio(tmp_path / "eight.wav")
+    assert wav.dtype == np.float32 and wav.shape == (16_000,)
+    np.testing.assert_allclose(wav, held.mean(axis=0), atol=1e-6)
+    assert np.abs(wav - held[0]).max() > 0.1  # not one channel: the mean of all eight
+
+
+def test_12_channel_wav_at_44k_is_resampled_and_averaged(tmp_path, write_wav):
+    t = np.arange(44_100) / 44_100
+    x = np.stack([0.05 * (k + 1) * np.sin(2 * np.pi * 440 * t) for k in range(12)])  # (12, n): mean amplitude 0.325
+    write_wav(tmp_path / "twelve.wav", x, 44_100)
+    wav = A.load_audio(tmp_path / "twelve.wav")
+    assert abs(len(wav) - 16_000) <= 16 and abs(peak_hz(wav, 16_000) - 440.0) <= 1.0
+    amp = np.sqrt(np.mean(wav[1000:-1000] ** 2)) * np.sqrt(2)
+    assert abs(amp - 0.325) < 0.005
+
+
 def test_load_errors_name_the_file_and_the_problem(tmp_path, write_media):
     missing = tmp_path / "nope.wav"
     with pytest.raises(A.AudioError, match=r"nope\.wav.*no such"):
