@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 from engine.batch.cli import add_batch_parser
 from engine.doctor import add_doctor_parser
 from engine.models import export_model_set, load_model_set, prepare_avatar
-from engine.options import (ASSETS, CLIError, add_backend_flags, add_model_flags, add_settings_flags, check_output,
-                            read_image, settings_from, setup_logging)
+from engine.options import (ASSETS, CLIError, add_audio_bitrate_flag, add_backend_flags, add_model_flags,
+                            add_settings_flags, check_output, read_image, settings_from, setup_logging)
 from engine.settings import OFFLINE
 from engine.weights_cmd import add_weights_parser
 
@@ -46,6 +46,7 @@ def _render(args, image_path: Path, audio_path: Path) -> int:
     from engine.metrics import CallLog
     from engine.runner import Runner
     from engine.sinks import Mp4Sink
+    from engine.source_audio import SourceAudio
     from mmgt.audio_io import AudioError, load_audio
     from mmgt.keypoints import load_pose_file
 
@@ -55,7 +56,8 @@ def _render(args, image_path: Path, audio_path: Path) -> int:
     check_output(out)
     image = read_image(image_path)
     try:
-        audio = load_audio(audio_path)
+        audio = load_audio(audio_path)  # (N,) the model's 16 kHz mono copy
+        source = SourceAudio.probe(audio_path)  # what the mp4 carries: the source's own audio
     except AudioError as e:
         raise CLIError(str(e)) from e
     poses = None
@@ -73,7 +75,7 @@ def _render(args, image_path: Path, audio_path: Path) -> int:
     if _wants_warm_up(args):
         log.info("warming up (compile / graph capture) ...")
         runner.warm_up()
-    sink = Mp4Sink(out, audio)
+    sink = Mp4Sink(out, source, audio_bitrate=args.audio_bitrate)
     total = max(1, round(len(audio) * 25 / 16000))
     with tqdm(total=total, unit="frame", desc=f"render {out.name}", disable=args.quiet or None) as bar:
         report = runner.run(audio, sink, progress=bar.update)
@@ -110,8 +112,9 @@ def add_render_parser(sub) -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Render a talking, gesturing upper-body video of the person in --image speaking "
                                    "--audio. Stage I (SMGA) turns audio into poses window by window while Stage II "
-                                   "renders the previous window; the mp4 (H.264 + AAC, the source audio in sync) is "
-                                   "written to a temporary file and renamed only when complete.")
+                                   "renders the previous window; the mp4 (H.264 + the source's own audio at its sample "
+                                   "rate and channels, in sync) is written to a temporary file and renamed only when "
+                                   "complete.")
     io = r.add_argument_group("input and output")
     io.add_argument("--image", type=Path, help="reference image of the person (any size; centre-cropped to square)")
     io.add_argument("--audio", type=Path, help="speech: any file PyAV reads (wav, mp3, flac, m4a, mp4 audio ...)")
@@ -120,6 +123,7 @@ def add_render_parser(sub) -> argparse.ArgumentParser:
     io.add_argument("--init-pose", type=Path, help="initial pose of the reference image (134, 3) instead of "
                     "DWPose / the built-in template")
     io.add_argument("--metrics-json", type=Path, help="write the run's metrics (latency, RTF, stage times) here")
+    add_audio_bitrate_flag(io)
     add_model_flags(r)
     add_settings_flags(r, OFFLINE)
     add_backend_flags(r)
@@ -133,6 +137,7 @@ def add_demo_parser(sub) -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--out", type=Path, default=Path("demo.mp4"), help="output .mp4 path")
     d.add_argument("--metrics-json", type=Path, help="write the run's metrics here")
+    add_audio_bitrate_flag(d)
     add_model_flags(d)
     add_settings_flags(d, OFFLINE)
     d.set_defaults(func=cmd_demo, backend="torch", artifacts=None)

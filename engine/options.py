@@ -3,18 +3,21 @@
 Used by ``engine/cli.py`` (render, demo), ``engine/batch/cli.py`` and ``streaming/cli.py``. Building a parser must
 stay cheap (``engine --help`` and every argument error run it), so this module imports only the standard library,
 ``engine.settings`` and ``mmgt.config`` (plain dataclasses) at module level; numpy and PIL are imported inside
-:func:`read_image`.
+:func:`read_image`, ``engine.source_audio`` (whose module level is standard library only) inside
+:func:`add_audio_bitrate_flag`.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 from pathlib import Path
 
 from engine.settings import OFFLINE, RenderSettings
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # the bundled portrait and speech (engine demo, engine serve)
+BITRATE_RANGE = (8_000, 1_536_000)  # accepted --audio-bitrate values, bits/s
 
 
 class CLIError(Exception):
@@ -86,6 +89,32 @@ def add_backend_flags(p: argparse.ArgumentParser) -> None:
     b.add_argument("--artifacts", type=Path, help="directory written by `engine export` (for onnxruntime/tensorrt)")
 
 
+def parse_bitrate(text: str) -> int:
+    """``--audio-bitrate`` value -> bits/s: ``192k``, ``192000`` or ``1.5M`` (an argparse type: its error message is
+    argparse's one line)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*(?:b/?s|bps)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a bit rate: {text!r} (examples: 96k, 192000, 1.5M)")
+    bits = round(float(m.group(1)) * {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()])
+    lo, hi = BITRATE_RANGE
+    if not lo <= bits <= hi:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside [{lo // 1000}k, {hi // 1000}k]")
+    return bits
+
+
+def add_audio_bitrate_flag(g) -> None:
+    """--audio-bitrate RATE on a parser or argument group (render, demo, batch): the AAC rate of the video's audio,
+    None when not given (the source decides: copied, or AAC at a rate by channels; see engine/source_audio.py)."""
+    from engine.source_audio import AAC_BITRATE_PER_CHANNEL, AAC_BITRATES  # constants only: no numpy, no PyAV
+
+    g.add_argument("--audio-bitrate", type=parse_bitrate, metavar="RATE",
+                   help="AAC bit rate of the video's audio (96k, 256000, ...). The video carries the source's audio at "
+                        "its own sample rate and channels: without this flag an aac, mp3 or alac stream is copied as "
+                        f"is and anything else (wav, flac, opus ...) becomes AAC at {AAC_BITRATES[1] // 1000}k mono, "
+                        f"{AAC_BITRATES[2] // 1000}k stereo, {AAC_BITRATE_PER_CHANNEL // 1000}k per channel above; "
+                        "with it the audio is always encoded as AAC at RATE")
+
+
 def settings_from(args, base: RenderSettings = OFFLINE) -> RenderSettings:
     """``base`` with the settings flags the user gave (unset flags keep the preset's value)."""
     return base.with_(steps=args.steps, guidance=args.guidance, smga_steps=args.smga_steps,
@@ -130,5 +159,5 @@ def setup_logging(verbose: int, quiet: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-__all__ = ["ASSETS", "CLIError", "add_model_flags", "add_settings_flags", "add_backend_flags", "settings_from",
-           "read_image", "check_output", "setup_logging"]
+__all__ = ["ASSETS", "BITRATE_RANGE", "CLIError", "add_model_flags", "add_settings_flags", "add_backend_flags",
+           "add_audio_bitrate_flag", "parse_bitrate", "settings_from", "read_image", "check_output", "setup_logging"]

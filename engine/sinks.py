@@ -1,4 +1,4 @@
-"""Frame sinks: an mp4 file with the driving audio, a counting null sink, and a bounded drop-oldest queue.
+"""Frame sinks: an mp4 file with the source's audio, a counting null sink, and a bounded drop-oldest queue.
 
 Every sink follows ``engine.types.FrameSink``: ``open(meta)`` before any rendering (a bad output path fails there,
 not after minutes of work), ``write(batch)`` with consecutive FrameBatches, ``close(ok)`` once.
@@ -14,10 +14,11 @@ import time
 import weakref
 from collections import deque
 from fractions import Fraction
-from typing import Deque, List, Optional, Tuple
+from typing import Deque, List, Optional, Tuple, Union
 
 import numpy as np
 
+from engine.source_audio import AudioTrack, SourceAudio, open_track
 from engine.types import FPS, SAMPLE_RATE, FrameBatch, RunMeta
 
 logger = logging.getLogger(__name__)
@@ -28,15 +29,16 @@ class SinkError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# mp4 file: H.264 + AAC, atomic
+# mp4 file: H.264 + the source's audio, atomic
 # ----------------------------------------------------------------------------------------------------------------
-def _discard(container: object, tmp_path: str) -> None:
-    """Close a half-written container and delete its temp file (also run by the finalizer of a dropped sink)."""
-    try:
-        if container is not None:
-            container.close()  # type: ignore[attr-defined]
-    except Exception:  # the file is being thrown away; a failing close must not mask the original error
-        logger.debug("closing discarded container %s failed", tmp_path, exc_info=True)
+def _discard(closables: List[object], tmp_path: str) -> None:
+    """Close a half-written container (and the audio input it reads) and delete its temp file (also run by the
+    finalizer of a dropped sink)."""
+    for c in closables:
+        try:
+            c.close()  # type: ignore[attr-defined]
+        except Exception:  # the file is being thrown away; a failing close must not mask the original error
+            logger.debug("closing %r of discarded %s failed", c, tmp_path, exc_info=True)
     try:
         os.remove(tmp_path)
     except FileNotFoundError:
@@ -44,23 +46,31 @@ def _discard(container: object, tmp_path: str) -> None:
 
 
 class Mp4Sink:
-    """Writes frames to an H.264 (libx264, yuv420p) mp4 with the driving audio muxed as AAC.
+    """Writes frames to an H.264 (libx264, yuv420p) mp4 with the audio muxed beside them.
+
+    ``audio`` is the input's ``SourceAudio`` (the render's case): the video carries the source's audio at its own rate
+    and channel layout, its stream copied where mp4 takes the codec (aac, mp3, alac) and no ``audio_bitrate`` is
+    given, else AAC at ``audio_bitrate`` (default by channels: ``engine.source_audio.default_aac_bitrate``). It starts
+    at t = 0 with frame 0 and ends with the last frame (see engine/source_audio.py). ``audio`` may instead be 1-D
+    float mono samples at ``sample_rate``: AAC, every sample written even past the last frame.
 
     The file is written to a hidden temp file in the output directory and renamed over ``path`` only on
     ``close(ok=True)``; ``close(ok=False)``, an exception inside a ``with`` block, or a failing close remove it, so
-    ``path`` is either a complete video or untouched. Audio is encoded alongside the frames (up to the media time of
-    the last written frame) so the two streams interleave, and on close the rest of the audio is written: the
-    audio stream lasts exactly the audio's duration, the video has exactly the frames written. Odd frame sizes are
-    padded by one edge-replicated row/column (yuv420p needs even sizes).
+    ``path`` is either a complete video or untouched. Audio is read and written alongside the frames (up to the media
+    time of the last written frame), so the two streams interleave and a long source is never held in memory; the
+    video has exactly the frames written. Odd frame sizes are padded by one edge-replicated row/column (yuv420p needs
+    even sizes).
     """
 
-    def __init__(self, path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE, fps: int = FPS,
-                 crf: int = 18, preset: str = "veryfast", audio_bitrate: int = 64_000) -> None:
+    def __init__(self, path: str | os.PathLike, audio: Union[SourceAudio, np.ndarray], sample_rate: int = SAMPLE_RATE,
+                 fps: int = FPS, crf: int = 18, preset: str = "veryfast", audio_bitrate: Optional[int] = None) -> None:
         self.path = os.fspath(path)
-        a = np.asarray(audio)
-        if a.ndim != 1 or not np.issubdtype(a.dtype, np.floating):
-            raise ValueError(f"Mp4Sink({self.path}): audio must be 1-D float mono samples, got {a.dtype} {a.shape}")
-        self.audio = np.clip(a.astype(np.float32, copy=False), -1.0, 1.0)  # (N,) AAC input in [-1, 1]
+        if not isinstance(audio, SourceAudio):
+            a = np.asarray(audio)
+            if a.ndim != 1 or not np.issubdtype(a.dtype, np.floating):
+                raise ValueError(f"Mp4Sink({self.path}): audio must be a SourceAudio or 1-D float mono samples, "
+                                 f"got {a.dtype} {a.shape}")
+        self.audio = audio
         if sample_rate < 1 or fps < 1:
             raise ValueError(f"Mp4Sink({self.path}): sample_rate and fps must be >= 1, got {sample_rate}, {fps}")
         if not 0 <= crf <= 51:
@@ -71,8 +81,8 @@ class Mp4Sink:
         self._tmp_path: Optional[str] = None
         self._container = None
         self._video = None
-        self._audio = None
-        self._audio_pos = 0  # samples already handed to the AAC encoder
+        self._audio: Optional[AudioTrack] = None
+        self._closables: List[object] = []  # what the finalizer closes: the output container, the audio input
         self._size: Tuple[int, int] = (0, 0)  # (width, height) of the written frames before padding
         self._finalizer: Optional[weakref.finalize] = None
         self._closed = False
@@ -100,24 +110,24 @@ class Mp4Sink:
         try:
             container = av.open(tmp, mode="w", format="mp4", options={"movflags": "+faststart"})
             self._container = container
+            self._closables.append(container)
             # say what made the file; an untrained preset's video says so in its metadata
             container.metadata["comment"] = (f"mmgt-engine, preset {meta.preset}"
                                              + ("" if meta.trained else ": UNTRAINED random weights, not a real avatar"))
-            self._finalizer = weakref.finalize(self, _discard, container, tmp)
+            self._finalizer = weakref.finalize(self, _discard, self._closables, tmp)
             w, h = meta.width + meta.width % 2, meta.height + meta.height % 2  # yuv420p: even sizes
             video = container.add_stream("libx264", rate=self.fps)
             video.width, video.height, video.pix_fmt = w, h, "yuv420p"
             video.time_base = Fraction(1, self.fps)  # pts = frame index
             video.options = {"crf": str(self.crf), "preset": self.preset}
-            audio = container.add_stream("aac", rate=self.sample_rate)
-            audio.layout = "mono"
-            audio.bit_rate = self.audio_bitrate
+            audio = open_track(container, self.audio, self.sample_rate, self.audio_bitrate)
+            self._closables.append(audio)
         except Exception as e:
             self._abort()
-            raise SinkError(f"cannot set up H.264/AAC mp4 writing for {self.path}: {e}") from e
+            raise SinkError(f"cannot set up mp4 writing for {self.path}: {e}") from e
         self._video, self._audio, self._size = video, audio, (meta.width, meta.height)
-        logger.debug("Mp4Sink %s: %dx%d @ %d fps, %d audio samples @ %d Hz (temp %s)", self.path, w, h, self.fps,
-                     self.audio.shape[0], self.sample_rate, tmp)
+        logger.info("Mp4Sink %s: %dx%d @ %d fps; audio: %s", self.path, w, h, self.fps, audio.what)
+        logger.debug("Mp4Sink %s: temp %s", self.path, tmp)
 
     # 2. write: frames in order, audio up to the same media time
     def write(self, batch: FrameBatch) -> None:
@@ -139,21 +149,10 @@ class Mp4Sink:
             vf.pts = self.frames_written
             self._mux(self._video.encode(vf))
             self.frames_written += 1
-        self._write_audio_until(self.frames_written * self.sample_rate // self.fps)
-
-    def _write_audio_until(self, end_sample: int) -> None:
-        import av
-
-        end = min(end_sample, self.audio.shape[0])
-        if end <= self._audio_pos:
-            return
-        seg = self.audio[self._audio_pos:end]  # (n,) float32
-        af = av.AudioFrame.from_ndarray(seg[None, :], format="flt", layout="mono")  # (1, n) packed mono
-        af.sample_rate = self.sample_rate
-        af.time_base = Fraction(1, self.sample_rate)
-        af.pts = self._audio_pos
-        self._mux(self._audio.encode(af))
-        self._audio_pos = end
+        try:
+            self._audio.until(Fraction(self.frames_written, self.fps))
+        except (av.FFmpegError, OSError) as e:
+            raise SinkError(f"writing the audio of {self.path} ({self._audio.what}) failed: {e}") from e
 
     def _mux(self, packets: List) -> None:
         for p in packets:
@@ -173,9 +172,8 @@ class Mp4Sink:
         try:
             if self.frames_written == 0:
                 raise SinkError(f"no frames were written to {self.path}; not saving an empty video")
-            self._write_audio_until(self.audio.shape[0])  # the whole audio, even past the last frame
-            self._mux(self._video.encode(None))  # flush the encoders
-            self._mux(self._audio.encode(None))
+            self._mux(self._video.encode(None))  # flush the video encoder
+            self._audio.finish(Fraction(self.frames_written, self.fps))  # the rest of the audio, flushed
             self._container.close()
             umask = os.umask(0)
             os.umask(umask)
@@ -187,8 +185,7 @@ class Mp4Sink:
                 raise
             raise SinkError(f"finishing {self.path} failed: {e}") from e
         self._detach()
-        logger.info("Mp4Sink %s: %d frames, %.3f s audio", self.path, self.frames_written,
-                    self.audio.shape[0] / self.sample_rate)
+        logger.info("Mp4Sink %s: %d frames (%.3f s)", self.path, self.frames_written, self.frames_written / self.fps)
 
     def _abort(self) -> None:
         if self._finalizer is not None:
@@ -200,6 +197,8 @@ class Mp4Sink:
     def _detach(self) -> None:
         if self._finalizer is not None:
             self._finalizer.detach()
+        if self._audio is not None:
+            self._audio.close()
         self._container = self._video = self._audio = None
         self._finalizer = None
 

@@ -74,7 +74,8 @@ def load_audio(path: PathLike, sample_rate: int = AUDIO_SAMPLE_RATE) -> np.ndarr
     """Decode the first audio stream of any file PyAV reads -> float32 mono in [-1, 1] at ``sample_rate``.
 
     Works for wav, mp3, flac, m4a, the audio of an mp4, ... at any rate and channel count: PyAV's resampler
-    changes the rate (keeping the channels), then channels are averaged (librosa.load's mixdown).
+    changes the rate (keeping the channels), then channels are averaged (librosa.load's mixdown, whatever the
+    layout: an 8-channel file gives the mean of its 8 channels).
     Raises AudioError for a missing file, an unreadable file, no audio stream, or 0 samples.
     """
     import av
@@ -92,26 +93,32 @@ def load_audio(path: PathLike, sample_rate: int = AUDIO_SAMPLE_RATE) -> np.ndarr
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise AudioError(f"{path}: no audio stream (streams found: {', '.join(kinds)})")
         stream = container.streams.audio[0]
-        # planar float keeps every channel apart, so the mixdown below is a plain mean
-        resampler = av.AudioResampler(format="fltp", layout=None, rate=sample_rate)
+        # packed (interleaved) float, the channels kept as they are, so the mixdown below is a plain mean. Not
+        # planar: PyAV finds a planar frame's planes by walking FFmpeg's plane pointers up to a NULL, and from 8
+        # channels on that list has no NULL at its end, so to_ndarray reads a pointer past it and crashes
+        resampler = av.AudioResampler(format="flt", layout=None, rate=sample_rate)
         chunks: List[np.ndarray] = []
         try:
             for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray())  # (C, n)
-            for out in resampler.resample(None):  # flush the resampler's delay line
-                chunks.append(out.to_ndarray())
+                chunks.extend(_interleaved(out) for out in resampler.resample(frame))
+            # flush the resampler's delay line
+            chunks.extend(_interleaved(out) for out in resampler.resample(None))
         except av.FFmpegError as exc:
             raise AudioError(f"{path}: decoding the audio stream failed ({exc})") from exc
 
-    chunks = [c for c in chunks if c.shape[-1] > 0]
+    chunks = [c for c in chunks if c.shape[0] > 0]
     if not chunks:
         raise AudioError(f"{path}: the audio stream has no samples (0-length audio)")
-    wav = to_mono(np.concatenate(chunks, axis=1), axis=0)  # (n,)
+    wav = to_mono(np.concatenate(chunks, axis=0), axis=1)  # (n, C) -> (n,)
     # lossy decoders (aac, mp3) overshoot full scale slightly
     np.clip(wav, -1.0, 1.0, out=wav)
     logger.debug("loaded %s: %d samples at %d Hz", path, wav.shape[0], sample_rate)
     return wav
+
+
+def _interleaved(frame) -> np.ndarray:
+    """A packed float PyAV audio frame -> (n, C) float32 (its one plane holds the samples channel-interleaved)."""
+    return frame.to_ndarray().reshape(frame.samples, frame.layout.nb_channels)  # (1, n * C) -> (n, C)
 
 
 # ----------------------------------------------------------------------------------------------------------------

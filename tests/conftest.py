@@ -150,3 +150,54 @@ def tiny_exported(tmp_path_factory):
         torch.set_num_threads(threads)
     assert first[0] == 0, first[2]
     return out, first, second
+
+
+@pytest.fixture(scope="session")
+def write_media():
+    """``write_media(path, data, rate, codec, container_format=None, video=False)``: encode float (channels, n)
+    audio with PyAV (optionally beside a black mpeg4 video stream; ``data=None``: video only). Skips without PyAV."""
+    av = pytest.importorskip("av")
+
+    def write(path, data, rate, codec, container_format=None, video=False):
+        with av.open(str(path), "w", format=container_format) as out:
+            if video:
+                vs = out.add_stream("mpeg4", rate=25)
+                vs.width, vs.height, vs.pix_fmt = 64, 64, "yuv420p"
+            if data is not None:
+                st = out.add_stream(codec, rate=rate, layout="stereo" if data.shape[0] == 2 else "mono")
+                for i in range(0, data.shape[1], 1000):
+                    fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[:, i:i + 1000], dtype=np.float32),
+                                                    format="fltp", layout=st.layout.name)
+                    fr.sample_rate, fr.pts = rate, i
+                    for pk in st.encode(fr):
+                        out.mux(pk)
+                for pk in st.encode(None):
+                    out.mux(pk)
+            if video:
+                for k in range(10):
+                    vf = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
+                    vf.pts = k
+                    for pk in vs.encode(vf):
+                        out.mux(pk)
+                for pk in vs.encode(None):
+                    out.mux(pk)
+        return path
+
+    return write
+
+
+
+@pytest.fixture(scope="session")
+def write_wav():
+    """``write_wav(path, data, rate)``: (C, n) float in [-1, 1] -> 16-bit PCM wav with the standard library (PyAV
+    cannot build planar frames of 8 channels or more); returns the (C, n) float32 samples the file holds."""
+    import wave
+
+    def write(path, data, rate):
+        pcm = np.round(np.clip(data, -1.0, 1.0) * 32767).astype("<i2")  # (C, n)
+        with wave.open(str(path), "wb") as w:
+            w.setnchannels(pcm.shape[0]), w.setsampwidth(2), w.setframerate(rate)
+            w.writeframes(np.ascontiguousarray(pcm.T).tobytes())  # interleaved (n, C)
+        return pcm.astype(np.float32) / 32768.0
+
+    return write

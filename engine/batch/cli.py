@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from engine.batch.run import run_batch, sigterm_as_interrupt
-from engine.options import CLIError, add_backend_flags, add_model_flags, add_settings_flags, setup_logging
+from engine.options import (CLIError, add_audio_bitrate_flag, add_backend_flags, add_model_flags, add_settings_flags,
+                            setup_logging)
 from engine.settings import OFFLINE
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def _add_batch_args(p: argparse.ArgumentParser) -> None:
                    help="jobs: JSON lines or CSV with image, audio, output (+ optional per-job settings)")
     p.add_argument("--out-dir", type=Path, required=True, help="where <output>.mp4 and <output>.json go")
     p.add_argument("--force", action="store_true", help="render every job again, even complete ones")
+    add_audio_bitrate_flag(p)
     r = p.add_argument_group("Ray (optional extra: pip install 'ray>=2.9')")
     r.add_argument("--ray", metavar="ADDRESS|auto",
                    help="fan jobs out as Ray tasks: 'auto' starts a local Ray instance on this machine; an address "

@@ -36,6 +36,7 @@ class JobPayload:
     settings: RenderSettings
     model_args: argparse.Namespace  # the model and settings flags, for engine.models.load_model_set
     threads: Optional[int] = None  # torch CPU threads (None: leave the process's setting)
+    audio_bitrate: Optional[int] = None  # AAC bits/s of the video's audio (None: copy the source's, or by channels)
 
 
 # One model set per process, keyed by its flags (a Ray worker keeps it across the tasks it runs), and the avatars
@@ -132,6 +133,7 @@ def _render(p: JobPayload, bar_factory: Optional[BarFactory]) -> Dict[str, Any]:
     from engine.runner import Runner
     from engine.scheduler import frames_for_samples
     from engine.sinks import Mp4Sink
+    from engine.source_audio import SourceAudio
     from mmgt.audio_io import load_audio
     from mmgt.keypoints import load_pose_file
 
@@ -144,6 +146,7 @@ def _render(p: JobPayload, bar_factory: Optional[BarFactory]) -> Dict[str, Any]:
     # 1. inputs first: a bad file fails before a model is loaded
     image = read_image(Path(p.image))
     audio = load_audio(p.audio)  # (N,) float32 16 kHz; AudioError names the file
+    source = SourceAudio.probe(p.audio)  # what the mp4 carries: the source's own audio
     poses = None
     if p.pose:
         try:
@@ -157,7 +160,7 @@ def _render(p: JobPayload, bar_factory: Optional[BarFactory]) -> Dict[str, Any]:
     models, warmup_seconds = _accelerated(models, p.model_args, p.settings, avatar)
     # 3. the render: Mp4Sink writes a temp file and renames it over `out` only when complete
     runner = Runner(models, avatar, p.settings, poses=poses)
-    sink = Mp4Sink(out, audio)
+    sink = Mp4Sink(out, source, audio_bitrate=p.audio_bitrate)
     bar = bar_factory(frames_for_samples(len(audio))) if bar_factory else contextlib.nullcontext()
     with bar:
         report = runner.run(audio, sink, progress=getattr(bar, "update", None))

@@ -2,7 +2,6 @@
 that name the file and the problem. Test media are written with PyAV into tmp dirs."""
 import wave
 
-import av
 import numpy as np
 import pytest
 
@@ -11,33 +10,6 @@ from mmgt import audio_io as A
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-def write_media(path, data, rate, codec, container_format=None, video=False):
-    """Encode float (channels, n) audio with PyAV (optionally beside a black mpeg4 video stream)."""
-    with av.open(str(path), "w", format=container_format) as out:
-        if video:
-            vs = out.add_stream("mpeg4", rate=25)
-            vs.width, vs.height, vs.pix_fmt = 64, 64, "yuv420p"
-        if data is not None:
-            st = out.add_stream(codec, rate=rate, layout="stereo" if data.shape[0] == 2 else "mono")
-            for i in range(0, data.shape[1], 1000):
-                fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[:, i:i + 1000], dtype=np.float32),
-                                                format="fltp", layout=st.layout.name)
-                fr.sample_rate, fr.pts = rate, i
-                for pk in st.encode(fr):
-                    out.mux(pk)
-            for pk in st.encode(None):
-                out.mux(pk)
-        if video:
-            for k in range(10):
-                vf = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
-                vf.pts = k
-                for pk in vs.encode(vf):
-                    out.mux(pk)
-            for pk in vs.encode(None):
-                out.mux(pk)
-    return path
-
 
 def stereo_sine(rate, seconds=1.0, freq=440.0):
     """Left 0.6 sin, right 0.2 sin: the channel mean is 0.4 sin (librosa's mixdown)."""
@@ -55,7 +27,7 @@ def peak_hz(wav, rate):
 # decoding
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_wav_44k_stereo_to_16k_mono_keeps_duration_frequency_and_averages_channels(tmp_path):
+def test_wav_44k_stereo_to_16k_mono_keeps_duration_frequency_and_averages_channels(tmp_path, write_media):
     path = write_media(tmp_path / "tone.wav", stereo_sine(44_100), 44_100, "pcm_s16le")
     wav = A.load_audio(path)
     assert wav.dtype == np.float32 and wav.ndim == 1
@@ -77,7 +49,7 @@ def test_wav_44k_stereo_to_16k_mono_keeps_duration_frequency_and_averages_channe
     ("clip.mp4", "aac", None, 48_000, True, 0.03),  # the audio stream of a video file
     ("tone.ogg", "libopus", None, 48_000, False, 0.03),
 ])
-def test_other_containers_and_codecs(tmp_path, name, codec, fmt, rate, video, tol_s):
+def test_other_containers_and_codecs(tmp_path, write_media, name, codec, fmt, rate, video, tol_s):
     path = write_media(tmp_path / name, stereo_sine(rate, freq=1000.0), rate, codec, fmt, video)
     wav = A.load_audio(path)
     assert abs(len(wav) / 16_000 - 1.0) <= tol_s  # lossy codecs may keep a few ms of encoder padding
@@ -85,7 +57,29 @@ def test_other_containers_and_codecs(tmp_path, name, codec, fmt, rate, video, to
     assert np.abs(wav).max() <= 1.0
 
 
-def test_load_errors_name_the_file_and_the_problem(tmp_path):
+def test_8_channel_wav_loads_as_the_mean_of_its_channels(tmp_path, write_wav):
+    """Eight channels (each its own tone and level) at 16 kHz: no resampling, so the result is exactly the mean of
+    the channels. PyAV's planar frames of >= 8 channels used to crash the process here (a segfault in to_ndarray)."""
+    t = np.arange(16_000) / 16_000
+    x = np.stack([0.1 * (1 + k % 4) * np.sin(2 * np.pi * (200 + 150 * k) * t) for k in range(8)])  # (8, n)
+    held = write_wav(tmp_path / "eight.wav", x, 16_000)
+    wav = A.load_audio(tmp_path / "eight.wav")
+    assert wav.dtype == np.float32 and wav.shape == (16_000,)
+    np.testing.assert_allclose(wav, held.mean(axis=0), atol=1e-6)
+    assert np.abs(wav - held[0]).max() > 0.1  # not one channel: the mean of all eight
+
+
+def test_12_channel_wav_at_44k_is_resampled_and_averaged(tmp_path, write_wav):
+    t = np.arange(44_100) / 44_100
+    x = np.stack([0.05 * (k + 1) * np.sin(2 * np.pi * 440 * t) for k in range(12)])  # (12, n): mean amplitude 0.325
+    write_wav(tmp_path / "twelve.wav", x, 44_100)
+    wav = A.load_audio(tmp_path / "twelve.wav")
+    assert abs(len(wav) - 16_000) <= 16 and abs(peak_hz(wav, 16_000) - 440.0) <= 1.0
+    amp = np.sqrt(np.mean(wav[1000:-1000] ** 2)) * np.sqrt(2)
+    assert abs(amp - 0.325) < 0.005
+
+
+def test_load_errors_name_the_file_and_the_problem(tmp_path, write_media):
     missing = tmp_path / "nope.wav"
     with pytest.raises(A.AudioError, match=r"nope\.wav.*no such"):
         A.load_audio(missing)
