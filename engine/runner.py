@@ -45,7 +45,7 @@ from .scheduler import (RenderChunk, StreamChunkPlanner, StreamPlanner, Window, 
                         plan_windows)
 from .settings import OFFLINE, RenderSettings
 from .types import AudioChunk, FrameBatch, FrameSink, PoseWindow, RunMeta
-from .workers import chain
+from .workers import chain, close_all
 
 log = logging.getLogger(__name__)
 
@@ -255,23 +255,21 @@ class Runner:
         sink.open(RunMeta(fps=FPS, width=cfg.resolution, height=cfg.resolution,
                           audio_samples=len(buf) if total_frames is not None else 0, sample_rate=AUDIO_SAMPLE_RATE,
                           preset=cfg.name, trained=cfg.trained))
-        ok = False
-        out, workers = chain(stages, windows, overlapped=self.overlapped, stop=self._stop, on_item=metrics.on_item,
-                             setup=self._on_stream)
-        try:
+        ok, workers = False, []
+        try:  # from here on, an interruption (Ctrl-C, SIGTERM) at any point stops and joins every worker started
+            out, workers = chain(stages, windows, overlapped=self.overlapped, stop=self._stop,
+                                 on_item=metrics.on_item, setup=self._on_stream)
             for _ in out:  # the sink stage's batches: everything has happened by the time they come out
                 pass
             ok = not self._stop.is_set()
-        except KeyboardInterrupt:
-            self._stop.set()
-            raise
         finally:
             if not ok:
                 self._stop.set()
-            for worker in workers:
-                worker.close()
-            self._stop.clear()  # the runner can run again; a stop() before a run still cancels that run
-            sink.close(ok)
+            try:
+                close_all(workers)
+            finally:
+                self._stop.clear()  # the runner can run again; a stop() before a run still cancels that run
+                sink.close(ok)
         if not ok:
             raise RenderCancelled("render stopped before the end; nothing was committed")
         report.backends = self.call_log.kinds()

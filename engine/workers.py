@@ -126,15 +126,35 @@ def chain(stages: Sequence[Tuple[str, Work, int]], inputs: Iterable, *, overlapp
     (``setup`` then applies to the whole chain: the stages' GPU work shares the caller's stream)."""
     workers: List[Stage] = []
     current: Iterable = inputs
-    for name, work, maxsize in stages:
-        if overlapped:
-            stage = Stage(name, work, current, maxsize, stop, on_item,
-                          setup=(lambda n=name: setup(n)) if setup else None)
-            workers.append(stage)
-            current = stage
-        else:
-            current = _outputs(name, work, current, stop, on_item)
+    try:
+        for name, work, maxsize in stages:
+            if overlapped:
+                stage = Stage(name, work, current, maxsize, stop, on_item,
+                              setup=(lambda n=name: setup(n)) if setup else None)
+                workers.append(stage)
+                current = stage
+            else:
+                current = _outputs(name, work, current, stop, on_item)
+    except BaseException:  # interrupted while starting the chain: no worker may outlive it
+        stop.set()
+        close_all(workers)
+        raise
     return current, workers
 
 
-__all__ = ["Stage", "chain"]
+def close_all(workers: Sequence[Stage]) -> None:
+    """Stop and join every worker, even when an interruption (Ctrl-C, SIGTERM) arrives meanwhile: a worker left running
+    inside a native call when the interpreter exits aborts the process; the interruption is raised after."""
+    pending: Optional[BaseException] = None
+    for stage in workers:
+        while True:
+            try:
+                stage.close()
+                break
+            except BaseException as e:  # noqa: BLE001 - re-raised once every worker is joined
+                pending = pending or e
+    if pending is not None:
+        raise pending
+
+
+__all__ = ["Stage", "chain", "close_all"]
