@@ -157,6 +157,10 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     if verbose < 2:
         for noisy in ("diffusers", "transformers", "PIL", "numba", "matplotlib"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+        # diffusers and transformers set their own level when they are first imported (later, lazily): tell them
+        # through the variables they read then
+        for env in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+            os.environ.setdefault(env, "error")
 
 
 __all__ = ["ASSETS", "BITRATE_RANGE", "CLIError", "add_model_flags", "add_settings_flags", "add_backend_flags",
