@@ -157,8 +157,9 @@ def test_bad_input_full_server_vanishing_client(warm_models, loopback_ice):
                 assert np.mean(rec_a.level[5:]) > 10.0
                 moving = np.array(rec_a.motion[5:]) > 0.5
                 assert moving.mean() > 0.5, rec_a.motion[:50]
+                # (4 s: long enough that the catch-up after a moment's stall on a busy machine averages out)
                 n0, t0 = len(rec_a.video), time.monotonic()
-                await asyncio.sleep(2.0)
+                await asyncio.sleep(4.0)
                 rate = (len(rec_a.video) - n0) / (time.monotonic() - t0)
                 assert 0.8 * 25 <= rate <= 1.2 * 25, rate
                 async with http.get(f"{url}/stats/{rec_a.session}") as r:
