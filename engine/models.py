@@ -115,6 +115,25 @@ def load_model_set(options: Union[ModelOptions, Any], settings: RenderSettings):
     return models
 
 
+def for_settings(models, settings: RenderSettings):
+    """``models`` with calls for the shapes ``settings`` need (chunk, both CFG layouts, window).
+
+    Torch calls are rebound freely (they take any shape); executors fixed to other shapes (exported artifacts,
+    compiled or graphed calls) cannot serve these settings: that is an error naming both."""
+    import dataclasses
+
+    from mmgt.contract import Shapes
+
+    shapes = Shapes.from_settings(models.cfg, settings)
+    if models.shapes == shapes:
+        return models
+    if models.executors:
+        raise ValueError(f"the model set's executors ({', '.join(sorted(models.executors))}) were made for "
+                         f"{models.shapes}; these settings need {shapes}: make the model set with the run's settings "
+                         "(engine.models.load_model_set(..., settings))")
+    return dataclasses.replace(models, shapes=shapes)
+
+
 def accelerate_models(models, compile: Union[str, bool] = False, cuda_graphs: bool = False):
     """``models`` with torch.compile and/or CUDA graphs for its shapes (built on their first call)."""
     from engine.backends import BackendUnavailable, accelerate
@@ -192,5 +211,5 @@ def random_networks(cfg, networks: Sequence[str]):
     return SimpleNamespace(cfg=cfg, frame_decoder=attrs.get("vae"), **attrs)
 
 
-__all__ = ["ModelOptions", "resolve_device", "load_model_set", "accelerate_models", "prepare_avatar",
+__all__ = ["for_settings", "ModelOptions", "resolve_device", "load_model_set", "accelerate_models", "prepare_avatar",
            "export_model_set", "random_networks"]

@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict
-from typing import Callable, Iterable, Iterator, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,9 +38,9 @@ import torch
 from mmgt import keypoints as K
 from mmgt import pipeline as P
 from mmgt.config import AUDIO_SAMPLE_RATE, FPS
-from mmgt.contract import Shapes
 
 from .metrics import CallLog, RunMetrics, RunReport, StageEvent, steady_fps
+from .models import for_settings
 from .scheduler import (RenderChunk, StreamChunkPlanner, StreamPlanner, Window, crossfade_weights, frames_for_samples,
                         plan_windows)
 from .settings import OFFLINE, RenderSettings
@@ -182,7 +182,7 @@ class Runner:
             log.warning("SMGA window %d differs from the trained %d", settings.window, cfg.smga.window)
         if settings.chunk > cfg.unet.motion_max_frames:
             raise ValueError(f"chunk={settings.chunk} exceeds the motion modules' {cfg.unet.motion_max_frames} frames")
-        models = _for_settings(models, settings)
+        models = for_settings(models, settings)
         self.call_log = call_log or CallLog()
         self.models = models if call_log is not None else self.call_log.observe(models)
         self._stop = threading.Event()
@@ -328,21 +328,6 @@ class Runner:
         return steady_fps(self.run_stream(iter([AudioChunk(hiss, 0)]), NullSink()))
 
 
-def _for_settings(models: P.ModelSet, settings: RenderSettings) -> P.ModelSet:
-    """``models`` with calls for the shapes ``settings`` need (chunk, both CFG layouts, window).
-
-    Torch calls are rebound freely (they take any shape); executors fixed to other shapes (exported artifacts,
-    compiled or graphed calls) cannot serve these settings: that is an error naming both."""
-    shapes = Shapes.from_settings(models.cfg, settings)
-    if models.shapes == shapes:
-        return models
-    if models.executors:
-        raise ValueError(f"the model set's executors ({', '.join(sorted(models.executors))}) were made for {models.shapes};"
-                         f" these settings need {shapes}: make the model set with the run's settings "
-                         "(engine.models.load_model_set(..., settings))")
-    return dataclasses.replace(models, shapes=shapes)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The stages of one run
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,13 +417,36 @@ class _RenderStage:
         return dataclasses.replace(result, ready=_cuda_event() if cuda else None)  # decode waits for this
 
 
+def probe_sessions(models: P.ModelSet, avatar: P.Avatar, settings: RenderSettings, sessions: int,
+                   seconds: float = 2.0) -> List[float]:
+    """The steady frames per second of each of ``sessions`` runs streaming flat out at the same time on one model set
+    (``Runner.probe`` each, in its own thread): what that many live sessions could render at once on this machine."""
+    rates = [0.0] * sessions
+    errors: List[BaseException] = []
+
+    def probe(i: int) -> None:
+        try:
+            rates[i] = Runner(models, avatar, settings).probe(seconds)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=probe, args=(i,), name=f"probe-{i}") for i in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return rates
+
+
 def render_file(models: P.ModelSet, image: np.ndarray, audio: np.ndarray, sink: FrameSink,
                 settings: RenderSettings = OFFLINE, pose_file=None, weights_dir=None, progress=None) -> RunReport:
     """Convenience: avatar from ``image``, then the offline run of ``audio`` into ``sink``."""
     call_log = CallLog()
-    models = call_log.observe(_for_settings(models, settings))
+    models = call_log.observe(for_settings(models, settings))
     avatar = P.prepare_avatar(models, image, pose_file=pose_file, weights_dir=weights_dir)
     return Runner(models, avatar, settings, call_log=call_log).run(audio, sink, progress=progress)
 
 
-__all__ = ["Runner", "RenderCancelled", "RunReport", "StageEvent", "steady_fps", "render_file"]
+__all__ = ["Runner", "RenderCancelled", "RunReport", "StageEvent", "steady_fps", "probe_sessions", "render_file"]

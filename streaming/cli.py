@@ -65,8 +65,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=REACH,
         description="Serve the live presenter: open http://HOST:PORT/ in a browser, press start, speak (or pick an "
                     "audio file); the avatar video and the matching audio come back over WebRTC, on one media "
-                    "clock. While nobody speaks the avatar idles. Models and the avatar image are loaded once and "
-                    "shared by all sessions; each session renders in its own threads. Scheduling defaults: "
+                    "clock. While nobody speaks the avatar idles. The models are loaded once and shared by all "
+                    "sessions (each with its own avatar: --image, --avatars, or uploaded on the page); the calls "
+                    "that sessions make at the same time can run as one batched call (--batching). Scheduling "
+                    "defaults: "
                     "engine/settings.py LIVE on a GPU; on a CPU the cheaper engine/settings.py LIVE_CPU (hop 40, "
                     "chunk 32, overlap 4, 1 step, 2 pose steps); the flags below override either.")
     net = p.add_argument_group("network")
@@ -78,8 +80,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                      help="UDP port range for the WebRTC media (ICE); open it in the firewall (default: ephemeral)")
     net.add_argument("--media-address", action="append", metavar="ADDR",
                      help="offer media only on this local address (repeatable; default: every non-loopback one)")
-    net.add_argument("--max-sessions", type=_positive, default=2,
-                     help="concurrent sessions; more offers get HTTP 503 (default 2)")
+    net.add_argument("--max-sessions", type=_positive, default=None,
+                     help="concurrent sessions; more offers get HTTP 503 (default: measured at start-up, the most "
+                          "sessions this machine renders at once in real time with a 20%% margin)")
+    net.add_argument("--batching", choices=["auto", "on", "off"], default="auto",
+                     help="run the network calls that sessions make at the same time as one batched call (auto: on a "
+                          "GPU; on a CPU the sessions' own threads use the cores better)")
     net.add_argument("--idle-timeout", type=float, default=15.0,
                      help="free a session whose client sent nothing (no RTCP) for this many seconds (default 15)")
     src = p.add_argument_group("audio input")
@@ -87,7 +93,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                      help="drive every session from this machine's microphone (sounddevice) instead of the browser's")
     src.add_argument("--mic-device", metavar="DEV", help="input device index or name for --mic (default: system's)")
     av = p.add_argument_group("avatar")
-    av.add_argument("--image", type=Path, help="reference image of the person (default: the bundled portrait)")
+    av.add_argument("--image", type=Path, help="reference image of the person: the default avatar (default: the "
+                                               "bundled portrait)")
+    av.add_argument("--avatars", type=Path, metavar="DIR",
+                    help="every image in DIR is an avatar a session can pick (id = file name without extension); "
+                         "the page lists them and can upload more")
     av.add_argument("--init-pose", type=Path, help="initial pose of the reference image (134, 3) .npz/.npy/.json")
     live = p.add_argument_group("live session")
     live.add_argument("--queue-frames", type=_positive,
@@ -120,19 +130,31 @@ def cmd_serve(args) -> int:
         options.layout()
     except ValueError as e:
         raise CLIError(str(e)) from e
+    from streaming.avatars import AvatarError, AvatarStore
+
     image = read_image(args.image or ASSETS / "portrait.jpg")
     models = load_model_set(args, settings)
-    avatar = prepare_avatar(models, image, pose_file=args.init_pose, weights_dir=args.weights)
+    avatars = AvatarStore(lambda im: prepare_avatar(models, im, weights_dir=args.weights))
+    default = prepare_avatar(models, image, pose_file=args.init_pose, weights_dir=args.weights)
+    avatars.add(Path(args.image).stem if args.image else "portrait", default.image, "default", default=True)
+    avatars.seed(avatars.default_id, default)
+    if args.avatars is not None:
+        try:
+            avatars.add_folder(args.avatars)
+        except AvatarError as e:
+            raise CLIError(f"--avatars: {e}") from e
     config = ServerConfig(host=args.host, port=args.port, max_sessions=args.max_sessions, udp_ports=args.udp_ports,
                           media_addresses=tuple(args.media_address) if args.media_address else None,
-                          idle_timeout=args.idle_timeout, mic=args.mic, mic_device=args.mic_device, session=options)
+                          idle_timeout=args.idle_timeout, mic=args.mic, mic_device=args.mic_device, session=options,
+                          batch={"auto": None, "on": True, "off": False}[args.batching])
     where = f"http://{'localhost' if args.host in ('127.0.0.1', 'localhost') else args.host}:{args.port}/"
-    print(f"engine serve: {where} (preset {models.cfg.name}, up to {args.max_sessions} sessions; Ctrl-C stops)",
-          flush=True)
+    limit = args.max_sessions or "the measured number of"
+    print(f"engine serve: {where} (preset {models.cfg.name}, {len(avatars.list())} avatar(s), up to {limit} "
+          "sessions; Ctrl-C stops)", flush=True)
     from engine.sources import AudioDeviceError
 
     try:
-        serve(models, avatar, config)
+        serve(models, avatars, config)
     except AudioDeviceError as e:
         raise CLIError(f"--mic: {e}") from e
     except OSError as e:  # the HTTP port is taken or the address is not ours

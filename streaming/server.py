@@ -3,18 +3,24 @@
 Routes (the signalling contract):
 
 * ``GET /`` -- the demo page (streaming/static/); ``GET /static/<file>`` its script and style.
+* ``GET /avatars`` -- the avatars a session can use: ``{"avatars": [{id, source, width, height}], "default": ID}``.
+* ``POST /avatars`` -- multipart field ``image``: a new avatar -> ``{"avatar": ID}``; 400 naming the problem for a
+  file that is not an image, empty, truncated, or over the pixel limit (streaming/avatars.py).
 * ``POST /offer`` -- JSON ``{"sdp": "...", "type": "offer"}`` -> JSON ``{"sdp": "...", "type": "answer",
   "session": ID}``. The offer must have a video m-line the client receives on (the avatar), and may have an audio
-  m-line (the microphone, or a file the page plays, goes up; the rendered audio comes back). Errors: 400 with a
-  message for a body that is not JSON, not an SDP offer, has no video to receive, or does not parse; 503 when
-  ``max_sessions`` sessions are running.
+  m-line (the microphone, or a file the page plays, goes up; the rendered audio comes back); ``"avatar": ID`` picks
+  the session's avatar (the default when absent). Errors: 400 with a message for a body that is not JSON, not an SDP
+  offer, has no video to receive, does not parse, or names an unknown avatar; 503 when ``max_sessions`` sessions are
+  running (the capacity measured at start-up unless ``--max-sessions`` says otherwise).
 * ``GET /stats/<session>`` -- the session's live stats (state, first-frame latency, fps, A/V offset, drops).
 * ``POST /close/<session>`` -- end a session now (the page sends it when it is left).
 * ``GET /health`` -- sessions running and the limit.
+* ``GET /metrics`` -- Prometheus text: sessions, per-session fps, output latency, drops, batch sizes, memory.
 
-The models and the avatar (one reference image) are loaded once and shared; every session has its own Runner,
-LiveSource, QueueSink and tracks (streaming/session.py). The model set is stateless (the reference bank, masks and
-audio tokens are call arguments), so sessions call it at the same time, with no lock around a network.
+The models are loaded once and shared; every session has its own avatar, Runner, LiveSource, QueueSink and tracks
+(streaming/session.py). The model set is stateless (the reference bank, masks and audio tokens are call arguments), so
+sessions call it at the same time with no lock around a network, and the calls that coincide run as one batched call
+(engine/backends/batching.py: a row per session, each with its own bank and masks; its frames are its solo frames).
 
 A session ends when its peer connection closes or fails (ICE failure), when the page leaves (``/close``), when the
 client goes silent (no RTCP receiver report for ``idle_timeout`` seconds: it vanished), or when ICE does not connect
@@ -38,6 +44,7 @@ import numpy as np
 
 from engine.types import FPS
 
+from .avatars import AvatarError, AvatarStore
 from .session import Session, SessionOptions
 
 log = logging.getLogger(__name__)
@@ -49,7 +56,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 class ServerConfig:
     host: str = "127.0.0.1"  # HTTP bind address (signalling and the page); 0.0.0.0 to serve other machines
     port: int = 8080
-    max_sessions: int = 2
+    max_sessions: Optional[int] = 2  # concurrent sessions; None: serve() measures this machine's capacity
     udp_ports: Optional[Tuple[int, int]] = None  # media (ICE host candidates) only from this range
     media_addresses: Optional[Tuple[str, ...]] = None  # ICE host candidates only on these addresses
     idle_timeout: float = 15.0  # no RTCP from the client for this long: it vanished, free the session
@@ -57,6 +64,11 @@ class ServerConfig:
     mic: bool = False  # feed every session from the server's microphone instead of the browser's
     mic_device: Optional[str] = None
     session: SessionOptions = field(default_factory=SessionOptions)
+    batch: Optional[bool] = None  # run the coinciding calls of the sessions as one batched call (torch networks);
+    # None: on a GPU (where one wide call beats several narrow ones); on a CPU the sessions' own threads use the cores
+    # better (measured: 3 tiny sessions render ~100 fps together unbatched, ~80 batched on two cores)
+    max_batch: int = 8  # rows of one batched call
+    avatar_cache: int = 8  # prepared avatars kept (CLIP context, bank, initial pose)
 
 
 class BadRequest(Exception):
@@ -158,19 +170,40 @@ def _to_samples(frame) -> Tuple[np.ndarray, int]:
 # The server
 # ----------------------------------------------------------------------------------------------------------------
 class AvatarServer:
-    """Sessions over one shared model set and avatar; build the aiohttp app with :meth:`app`."""
+    """Sessions over one shared model set; build the aiohttp app with :meth:`app`.
 
-    def __init__(self, models, avatar, config: ServerConfig = ServerConfig()):
-        self.models, self.avatar, self.config = models, avatar, config
+    ``avatars``: an AvatarStore, or one prepared avatar (it becomes the default of a store)."""
+
+    def __init__(self, models, avatars, config: ServerConfig = ServerConfig()):
+        from engine.backends.batching import batched
+        from engine.models import for_settings, prepare_avatar
+
+        self.config = config
         self.layout = config.session.layout()  # bad live settings fail here, not at the first viewer
+        shaped = for_settings(models, config.session.settings)  # every session runs these settings' shapes
+        batch = config.batch if config.batch is not None else models.device.type == "cuda"
+        self.models = batched(shaped, config.max_batch) if batch else shaped
+        if not isinstance(avatars, AvatarStore):
+            default = avatars
+            avatars = AvatarStore(lambda image: prepare_avatar(self.models, image), config.avatar_cache)
+            avatars.add("default", default.image, "default", default=True)
+            avatars.seed("default", default)  # already prepared: no second ReferenceNet pass
+        self.avatars = avatars
         self.sessions: Dict[str, Session] = {}
+        self.session_avatars: Dict[str, str] = {}  # session -> its avatar id
         self._pcs: Dict[str, object] = {}
         self._tasks: Dict[str, List[asyncio.Task]] = {}
         self._reserved = 0  # offers being answered (counted against max_sessions)
         self.closed_sessions: Dict[str, Dict] = {}  # last stats of ended sessions (bounded), for /stats
+        self.capacity: Dict[int, List[float]] = {}  # measured: sessions at once -> each one's fps (measure_capacity)
         self.mic = None
         self._mic_thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    @property
+    def avatar(self):
+        """The default avatar, prepared."""
+        return self.avatars.prepared()
 
     def warmup(self) -> float:
         """Render one pose window and one chunk of silence with the session settings (engine.runner.Runner.warm_up):
@@ -186,12 +219,45 @@ class AvatarServer:
 
         return Runner(self.models, self.avatar, self.config.session.settings).probe(seconds)
 
+    def measure_capacity(self, limit: int = 16, margin: float = 1.2, seconds: float = 2.0) -> int:
+        """The most sessions this machine renders in real time with a margin, measured as sessions will run: 1, 2,
+        4, ... sessions streaming at once through the (batched) model set, each needing ``margin`` x 25 fps, up to
+        the first count that falls short (or ``limit``), then the counts between the last that held and that one.
+        Returns that count (at least 1); ``self.capacity`` keeps every measurement."""
+        from engine.runner import probe_sessions
+
+        def holds(n: int) -> bool:
+            rates = probe_sessions(self.models, self.avatar, self.config.session.settings, n, seconds)
+            self.capacity[n] = rates
+            log.info("capacity probe: %d session(s) at once -> %s fps each", n, ", ".join(f"{r:.1f}" for r in rates))
+            return min(rates) >= margin * FPS
+
+        best, n = 1, 1
+        while n <= limit and holds(n):
+            best, n = n, n * 2
+        for m in range(best + 1, min(n, limit + 1)):  # between the last power of two that held and the next
+            if not holds(m):
+                break
+            best = m
+        return best
+
+    def close(self) -> None:
+        """Stop the batched calls' workers (after the sessions are closed)."""
+        from engine.backends.batching import close_batchers
+
+        close_batchers(self.models)
+
     # ------------------------------------------------------------------------------------------------------------
     def app(self):
         from aiohttp import web
 
-        app = web.Application(client_max_size=1 << 20)  # an SDP offer is a few KB
+        from .avatars import MAX_UPLOAD_BYTES
+
+        app = web.Application(client_max_size=MAX_UPLOAD_BYTES + (1 << 20))  # an avatar upload, with its form
         app.router.add_get("/", self._index)
+        app.router.add_get("/avatars", self._list_avatars)
+        app.router.add_post("/avatars", self._upload_avatar)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/offer", self._offer)
         app.router.add_get("/stats/{sid}", self._stats)
         app.router.add_post("/close/{sid}", self._close)
@@ -211,6 +277,7 @@ class AvatarServer:
 
     async def _on_shutdown(self, app) -> None:
         await asyncio.gather(*(self.close_session(sid, "server shutting down") for sid in list(self.sessions)))
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
         if self.mic is not None:
             self.mic.close()
             if self._mic_thread is not None:
@@ -248,6 +315,41 @@ class AvatarServer:
         return web.json_response({"sessions": len(self.sessions), "max_sessions": self.config.max_sessions,
                                   "preset": self.models.cfg.name, "trained": self.models.cfg.trained})
 
+    async def _list_avatars(self, request):
+        from aiohttp import web
+
+        return web.json_response({"avatars": self.avatars.list(), "default": self.avatars.default_id})
+
+    async def _upload_avatar(self, request):
+        """POST /avatars, multipart field ``image`` -> {"avatar": ID}; 400 naming the problem of a bad file."""
+        from aiohttp import web
+
+        try:
+            if not request.content_type.startswith("multipart/"):
+                raise AvatarError(f"POST /avatars takes a multipart form with an 'image' field, got "
+                                  f"{request.content_type or 'no content type'}")
+            form = await request.post()
+            field_ = form.get("image")
+            if field_ is None or not hasattr(field_, "file"):
+                raise AvatarError("POST /avatars: the form has no 'image' file field")
+            data = field_.file.read()
+            loop = asyncio.get_running_loop()
+            entry = await loop.run_in_executor(None, self.avatars.add_upload, data, field_.filename or "upload")
+        except AvatarError as e:
+            log.info("POST /avatars from %s: 400 %s", request.remote, e)
+            return web.json_response({"error": str(e)}, status=400)
+        log.info("POST /avatars from %s: avatar %s (%dx%d)", request.remote, entry.id, entry.image.shape[1],
+                 entry.image.shape[0])
+        return web.json_response({"avatar": entry.id, **entry.describe()})
+
+    async def _metrics(self, request):
+        from aiohttp import web
+
+        from .metrics import render_metrics
+
+        body, content_type = render_metrics(self)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     async def _stats(self, request):
         from aiohttp import web
 
@@ -277,16 +379,22 @@ class AvatarServer:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise BadRequest(f"offer body is not valid JSON: {e}") from e
             sdp, sections = check_offer(body)
+            try:
+                avatar_id = self.avatars.resolve(body.get("avatar"))
+            except AvatarError as e:
+                raise BadRequest(str(e)) from e
         except BadRequest as e:
             log.info("POST /offer from %s: 400 %s", request.remote, e)
             return web.json_response({"error": str(e)}, status=400)
         if len(self.sessions) + self._reserved >= self.config.max_sessions:
-            msg = f"server is full: {self.config.max_sessions} session(s) running; try again later"
+            why = ("the most this machine renders in real time, measured at start-up" if self.capacity
+                   else "the --max-sessions limit")
+            msg = f"server is full: {self.config.max_sessions} session(s) running ({why}); try again later"
             log.info("POST /offer from %s: 503 %s", request.remote, msg)
             return web.json_response({"error": msg}, status=503, headers={"Retry-After": "10"})
         self._reserved += 1
         try:
-            return await self._answer(sdp, sections)
+            return await self._answer(sdp, sections, avatar_id)
         except BadRequest as e:
             log.info("POST /offer from %s: 400 %s", request.remote, e)
             return web.json_response({"error": str(e)}, status=400)
@@ -296,14 +404,19 @@ class AvatarServer:
         finally:
             self._reserved -= 1
 
-    async def _answer(self, sdp: str, sections):
+    async def _answer(self, sdp: str, sections, avatar_id: str):
         from aiohttp import web
         from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-        # 1. the session (its own Runner, LiveSource, QueueSink, tracks; the models are shared)
+        # 1. the session (its own avatar, Runner, LiveSource, QueueSink, tracks; the models are shared)
         loop = asyncio.get_running_loop()
-        session = await loop.run_in_executor(None, lambda: Session(self.models, self.avatar, self.config.session))
+
+        def make() -> Session:
+            return Session(self.models, self.avatars.prepared(avatar_id), self.config.session)
+
+        session = await loop.run_in_executor(None, make)
         sid = session.id
+        self.session_avatars[sid] = avatar_id
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN/TURN: nothing leaves for a third host
         tasks: List[asyncio.Task] = []
 
@@ -412,6 +525,7 @@ class AvatarServer:
         session = self.sessions.pop(sid, None)
         pc = self._pcs.pop(sid, None)
         tasks = self._tasks.pop(sid, [])
+        avatar_id = self.session_avatars.pop(sid, None)
         if session is None:
             return
         current = asyncio.current_task()
@@ -423,6 +537,7 @@ class AvatarServer:
         await asyncio.get_running_loop().run_in_executor(None, session.close, reason)
         stats = session.stats()
         stats["close_reason"] = reason
+        stats["avatar"] = avatar_id
         self.closed_sessions[sid] = stats
         while len(self.closed_sessions) > 32:
             self.closed_sessions.pop(next(iter(self.closed_sessions)))
@@ -442,15 +557,26 @@ def speed_note(fps: float) -> Tuple[int, str]:
     return logging.INFO, f"renders {fps:.1f} fps with these settings ({fps / FPS:.1f}x real time)"
 
 
-def serve(models, avatar, config: ServerConfig) -> None:
-    """Run the server until interrupted (blocking)."""
+def serve(models, avatars, config: ServerConfig) -> None:
+    """Run the server until interrupted (blocking). ``config.max_sessions`` None: measured first (measure_capacity)."""
+    import dataclasses
+
     from aiohttp import web
 
-    server = AvatarServer(models, avatar, config)
+    server = AvatarServer(models, avatars, config)
     if config.mic:
         server.start_mic()
     log.info("warm-up render took %.1f s", server.warmup())
-    log.log(*speed_note(server.probe()))
+    if config.max_sessions is None:
+        n = server.measure_capacity()
+        server.config = config = dataclasses.replace(config, max_sessions=n)
+        table = "; ".join(f"{k} at once: {min(v):.1f} fps each" for k, v in sorted(server.capacity.items()))
+        log.info("admitting up to %d session(s): the most that stay real time with a 20%% margin here (%s); "
+                 "--max-sessions overrides", n, table)
+        fps = min(server.capacity[1])
+    else:
+        fps = server.probe()
+    log.log(*speed_note(fps))
     log.info("serving http://%s:%d/ (max %d sessions)", config.host, config.port, config.max_sessions)
     web.run_app(server.app(), host=config.host, port=config.port, print=None, handle_signals=True)
 

@@ -1,6 +1,7 @@
 // MMGT live presenter page: send the microphone (or a file played through WebAudio), receive the avatar video and
-// the rendered audio in one MediaStream, and show live stats. Signalling: POST /offer {sdp, type} -> {sdp, type,
-// session}; stats: GET /stats/<session>; leaving: POST /close/<session>. No trickle ICE: the offer carries all
+// the rendered audio in one MediaStream, and show live stats. Avatars: GET /avatars lists them, POST /avatars (an
+// image file) adds one. Signalling: POST /offer {sdp, type, avatar} -> {sdp, type, session}; stats: GET
+// /stats/<session>; leaving: POST /close/<session>. No trickle ICE: the offer carries all
 // candidates (the server is aiortc, which answers with all of its own).
 "use strict";
 
@@ -48,6 +49,7 @@ async function start() {
   showError("");
   $("start").disabled = true;
   $("stop").disabled = false;
+  $("avatar-pick").disabled = true;
   const kind = document.querySelector("input[name=source]:checked").value;
   try {
     const pc = new RTCPeerConnection({ iceServers: [] });
@@ -71,7 +73,8 @@ async function start() {
     await waitIceGathering(pc, 3000);
     const resp = await fetch("/offer", {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type,
+                             avatar: $("avatar-id").value || undefined }),
     });
     const answer = await resp.json();
     if (!resp.ok) throw new Error(`server said ${resp.status}: ${answer.error}`);
@@ -132,9 +135,45 @@ function stop() {
   Object.assign(state, { pc: null, session: null, micStream: null, audioCtx: null, fileSource: null });
   $("start").disabled = false;
   $("stop").disabled = true;
+  $("avatar-pick").disabled = false;
   setState("stopped");
 }
 
+// Avatars: the server's list in the picker; an uploaded image becomes a new avatar and is picked.
+async function loadAvatars(pick) {
+  const resp = await fetch("/avatars");
+  const data = await resp.json();
+  const select = $("avatar-id");
+  select.innerHTML = "";
+  for (const a of data.avatars) {
+    const opt = document.createElement("option");
+    opt.value = a.id;
+    opt.textContent = `${a.id} (${a.source}, ${a.width}x${a.height})`;
+    select.appendChild(opt);
+  }
+  select.value = pick || data.default;
+}
+
+async function uploadAvatar() {
+  const file = $("avatar-file").files[0];
+  if (!file) return;
+  $("avatar-status").textContent = "uploading ...";
+  const form = new FormData();
+  form.append("image", file, file.name);
+  try {
+    const resp = await fetch("/avatars", { method: "POST", body: form });
+    const data = await resp.json();
+    if (!resp.ok) throw new Error(data.error);
+    await loadAvatars(data.avatar);
+    $("avatar-status").textContent = `added ${data.avatar}`;
+  } catch (err) {
+    $("avatar-status").textContent = "";
+    showError(`upload refused: ${err.message || err}`);
+  }
+}
+
+$("avatar-file").addEventListener("change", uploadAvatar);
+loadAvatars().catch(() => {});
 $("start").addEventListener("click", start);
 $("stop").addEventListener("click", stop);
 window.addEventListener("pagehide", () => { if (state.session) navigator.sendBeacon(`/close/${state.session}`); });

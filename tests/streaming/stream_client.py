@@ -198,7 +198,7 @@ def make_speech_track(speech16k: Optional[np.ndarray], loop: bool = False):
 
 
 async def offer_and_connect(url: str, speech16k: Optional[np.ndarray], received: Received, send_audio: bool = True,
-                            loop: bool = False):
+                            loop: bool = False, avatar: Optional[str] = None):
     """Create the peer, post the offer, apply the answer; frames are collected into ``received`` by tasks."""
     import aiohttp
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -249,8 +249,10 @@ async def offer_and_connect(url: str, speech16k: Optional[np.ndarray], received:
     await pc.setLocalDescription(await pc.createOffer())
     received.offer_sent = time.monotonic()
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp,
-                                                   "type": pc.localDescription.type}) as resp:
+        offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+        if avatar is not None:
+            offer["avatar"] = avatar
+        async with http.post(f"{url}/offer", json=offer) as resp:
             body = await resp.json()
             if resp.status != 200:
                 await pc.close()
@@ -260,10 +262,11 @@ async def offer_and_connect(url: str, speech16k: Optional[np.ndarray], received:
     return pc, tasks
 
 
-async def run_client(url: str, speech16k: Optional[np.ndarray], seconds: float) -> Received:
+async def run_client(url: str, speech16k: Optional[np.ndarray], seconds: float,
+                     avatar: Optional[str] = None) -> Received:
     """Connect, stream for ``seconds`` after the first video frame (or the connection), close, return what came."""
     received = Received()
-    pc, tasks = await offer_and_connect(url, speech16k, received)
+    pc, tasks = await offer_and_connect(url, speech16k, received, avatar=avatar)
     deadline = time.monotonic() + seconds + 30.0  # generous wait for the first frame on a busy machine
     try:
         while time.monotonic() < deadline:

@@ -1,0 +1,97 @@
+"""Several live sessions on one model set: aggregate and per-session frames per second, batched vs one call each.
+
+    python -m benchmarks.bench_sessions [--preset tiny] [--sessions 1 2 4 8] [--seconds 3] [--out PATH]
+
+For each session count N, N sessions stream near-silence flat out at the same time (``engine.runner.probe_sessions``:
+each its own Runner and threads, the live settings of the device -- LIVE on a GPU, LIVE_CPU on a CPU), once through the
+plain model set (every session's network calls run on their own: "one call each") and once through the batched one
+(engine/backends/batching.py: the calls that coincide run as one, a row per session). Reports each session's steady fps,
+their minimum and sum, the ratio batched / one call each, and the batch sizes the batchers formed. No WebRTC: this is
+the engine's capacity; a live server also encodes and sends (streaming/server.py measures its own capacity at start-up
+the same way, as sessions will run).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from benchmarks.common import machine_info, result_path, write_json
+from engine.backends.batching import batched, batchers, close_batchers
+from engine.runner import Runner, probe_sessions
+from engine.settings import LIVE, LIVE_CPU
+from mmgt import pipeline as P
+from mmgt.config import FPS, get_preset
+from mmgt.contract import Shapes
+
+ASSETS = Path(__file__).resolve().parents[1] / "engine" / "assets"
+
+
+def run_mode(models, avatar, settings, counts: List[int], seconds: float) -> Dict[int, Dict[str, object]]:
+    out = {}
+    for n in counts:
+        for b in batchers(models).values():
+            b.sizes.clear()
+        t = time.perf_counter()
+        rates = probe_sessions(models, avatar, settings, n, seconds)
+        out[n] = {"per_session_fps": rates, "min_fps": min(rates), "aggregate_fps": sum(rates),
+                  "real_time": min(rates) >= FPS, "wall_seconds": time.perf_counter() - t,
+                  "batch_sizes": {name: dict(b.sizes) for name, b in batchers(models).items()}}
+        logging.getLogger("bench_sessions").info("%d sessions: %s", n, out[n])
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_sessions", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8], help="session counts to measure")
+    ap.add_argument("--seconds", type=float, default=3.0, help="near-silence each session streams per probe")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on a CPU, as serve)")
+    ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/sessions-<device>-<date>.json)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    for noisy in ("diffusers", "transformers", "numba"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    settings = LIVE if device.type == "cuda" else LIVE_CPU
+    cfg = get_preset(args.preset)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    models = P.build_models(cfg, device=device, dtype=dtype, shapes=Shapes.from_settings(cfg, settings))
+    from PIL import Image
+
+    avatar = P.prepare_avatar(models, np.asarray(Image.open(ASSETS / "portrait.jpg").convert("RGB")))
+    Runner(models, avatar, settings).warm_up()
+    fast = batched(models)
+    try:
+        results = {"one_call_each": run_mode(models, avatar, settings, args.sessions, args.seconds),
+                   "batched": run_mode(fast, avatar, settings, args.sessions, args.seconds)}
+    finally:
+        close_batchers(fast)
+    ratio = {n: results["batched"][n]["aggregate_fps"] / results["one_call_each"][n]["aggregate_fps"]
+             for n in args.sessions}
+    payload = {"benchmark": "bench_sessions", "machine": machine_info(device), "preset": cfg.name,
+               "settings": dataclasses.asdict(settings), "seconds_per_probe": args.seconds, "results": results,
+               "batched_over_one_call_each": ratio}
+    path = write_json(payload, args.out or result_path("sessions-" + cfg.name, device))
+    print(f"{'sessions':>8} {'one call each: min / sum fps':>30} {'batched: min / sum fps':>24} {'batched / each':>15}")
+    for n in args.sessions:
+        a, b = results["one_call_each"][n], results["batched"][n]
+        print(f"{n:>8} {a['min_fps']:>17.1f} / {a['aggregate_fps']:>6.1f} {b['min_fps']:>15.1f} / "
+              f"{b['aggregate_fps']:>6.1f} {ratio[n]:>15.2f}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
