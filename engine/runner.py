@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict
-from typing import Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -186,6 +186,7 @@ class Runner:
         self.call_log = call_log or CallLog()
         self.models = models if call_log is not None else self.call_log.observe(models)
         self._stop = threading.Event()
+        self._metrics_now: Optional[RunMetrics] = None  # the running (or last) run's recorder
         # one CUDA stream per GPU stage (None on a CPU): a stage's host sync then waits for its own work only
         cuda = torch.device(models.device).type == "cuda"
         self._streams = {name: torch.cuda.Stream(models.device) if cuda else None
@@ -203,7 +204,9 @@ class Runner:
         total = frames_for_samples(len(audio), AUDIO_SAMPLE_RATE, FPS)
         windows = plan_windows(total, s.window, s.hop, s.crossfade, lookahead_frames=s.lookahead)
         t0 = time.perf_counter()
-        return self._execute(((w, t0) for w in windows), _AudioBuffer(audio), sink, t0, total_frames=total,
+        metrics = self._metrics(t0)
+        metrics.audio_in(len(audio), t0)  # offline: all of it is in at the start
+        return self._execute(((w, t0) for w in windows), _AudioBuffer(audio), sink, metrics, total_frames=total,
                              progress=progress)
 
     def run_stream(self, chunks: Iterable[AudioChunk], sink: FrameSink,
@@ -218,7 +221,7 @@ class Runner:
         planner = StreamPlanner(s.window, s.hop, s.crossfade, lookahead)
         min_keep = 2 * s.window * SAMPLES_PER_FRAME  # a window and its predecessor, whatever keep_seconds says
         buf = _AudioBuffer(keep=max(int(keep_seconds * AUDIO_SAMPLE_RATE), min_keep))
-        t0 = time.perf_counter()
+        metrics = self._metrics(time.perf_counter())
 
         def windows() -> Iterator[Tuple[Window, float]]:
             for chunk in chunks:
@@ -226,21 +229,31 @@ class Runner:
                     return
                 buf.append(chunk.samples)
                 arrived = time.perf_counter()
+                metrics.audio_in(len(buf), arrived)  # the latency budget starts each frame's clock here
                 for w in planner.push(chunk.n_samples):
                     yield w, arrived
             for w in planner.finish():
                 yield w, time.perf_counter()
 
-        return self._execute(windows(), buf, sink, t0, total_frames=None, progress=progress)
+        return self._execute(windows(), buf, sink, metrics, total_frames=None, progress=progress)
 
     # ------------------------------------------------------------------------------------------------------------
-    def _execute(self, windows: Iterable[Tuple[Window, float]], buf: _AudioBuffer, sink: FrameSink, t0: float,
-                 total_frames: Optional[int], progress) -> RunReport:
+    def _metrics(self, t0: float) -> RunMetrics:
+        """A fresh report and its recorder for one run started at ``t0``."""
         cfg, s = self.models.cfg, self.settings
-        cuda = torch.device(self.models.device).type == "cuda"
         report = RunReport(settings=asdict(s), preset=cfg.name, trained=cfg.trained,
                            note="" if cfg.trained else P.UNTRAINED_NOTE)
-        metrics = RunMetrics(report, t0, cuda)
+        self._metrics_now = RunMetrics(report, t0, torch.device(self.models.device).type == "cuda", hop=s.hop)
+        return self._metrics_now
+
+    def latency_budget(self) -> Dict[str, Dict[str, float]]:
+        """The running (or last) run's latency budget so far: {"p50": {stage: ms, ...}, "p95": {...}}."""
+        m = self._metrics_now
+        return m.budget() if m is not None else {}
+
+    def _execute(self, windows: Iterable[Tuple[Window, float]], buf: _AudioBuffer, sink: FrameSink,
+                 metrics: RunMetrics, total_frames: Optional[int], progress) -> RunReport:
+        cfg, s, report = self.models.cfg, self.settings, metrics.report
 
         def deliver(batch: FrameBatch) -> Iterator[FrameBatch]:  # the sink stage
             sink.write(batch)
@@ -342,7 +355,7 @@ class _PoseStage:
     @torch.no_grad()
     def __call__(self, item: Tuple[Window, float]) -> Iterator[PoseWindow]:
         w, ready_at = item
-        self.metrics.audio_ready(ready_at)
+        self.metrics.audio_ready(ready_at, w.index)
         r = self.runner
         m, s = r.models, r.settings
         # 1. the window's audio: W frames from its start, zero past what it may read (padding / lookahead)

@@ -297,6 +297,7 @@ class Session:
             "av_offset_ms": None if av is None else round(av, 2),
             "audio_packets_sent": aus.sent,
             "structural_latency_frames": self.structural,
+            "latency_budget_ms": self.runner.latency_budget(),  # audio in -> frames out, per stage (p50 / p95)
             "engine_lag_ms": round((self.pushed - self.sink.put_frames * SAMPLES_PER_FRAME) / SAMPLE_RATE * 1000, 1),
             "input": asdict(self.inputs),
         }

@@ -272,3 +272,45 @@ def test_probe_streams_enough_audio_and_reports_the_steady_rate(tiny_models, tin
 def test_probe_runs_the_real_engine(tiny_models, tiny_avatar):
     fps = Runner(tiny_models, tiny_avatar, FAST).probe(seconds=1.5)
     assert fps > 5  # the tiny preset on one CPU thread renders dozens of frames a second
+
+
+def test_latency_budget_adds_up_and_counts_the_wait_for_audio(tiny_models, tiny_avatar, speech, collecting_sink):
+    """A paced live run: each chunk's budget (audio wait, Stage I, Stage II, decode, sink) adds up to its total, the
+    audio wait covers at least the audio the schedule makes the chunk's first frame wait for, and the report carries
+    p50/p95 per stage."""
+    import time
+
+    from engine.metrics import BUDGET_STAGES
+    from engine.types import AudioChunk
+
+    hop, lookahead, chunk = 10, 2, 12
+    live = RenderSettings(hop=hop, crossfade=2, lookahead=lookahead, chunk=chunk, overlap=4, smga_steps=2)
+    audio = speech[: 16000 * 2]  # 50 frames, fed 2 frames (80 ms) at a time at 4x real time
+
+    def paced():
+        for i in range(0, len(audio), 1280):
+            time.sleep(0.02)
+            yield AudioChunk(samples=audio[i:i + 1280], start_sample=i)
+
+    report = Runner(tiny_models, tiny_avatar, live).run_stream(paced(), collecting_sink())
+    assert len(report.latency) >= report.chunks - 2 >= 3  # the padded tail chunks may go without an entry
+    for e in report.latency:
+        parts = [getattr(e, k) for k in BUDGET_STAGES]
+        assert min(parts) >= 0 and sum(parts) == pytest.approx(e.total, abs=1e-6), e
+        # the chunk's first frame waits at least until the frames after it in its chunk (and a window's
+        # lookahead) have arrived: fed at 4x real time, 2 frames per 20 ms
+        assert e.audio_wait >= 0.5 * 0.010 * (chunk - 4 - 1), e
+    budget = report.latency_budget
+    assert set(budget) == {"p50", "p95"} and set(budget["p50"]) == set(BUDGET_STAGES) | {"total"}
+    assert budget["p95"]["total"] >= budget["p50"]["total"] > 0
+    from dataclasses import asdict
+
+    assert asdict(report)["latency_budget"] == budget  # what --metrics-json writes
+
+
+def test_offline_budget_starts_every_clock_at_the_start(run_fast):
+    _, _, report = run_fast
+    assert len(report.latency) == report.chunks
+    first = min(report.latency, key=lambda e: e.frame)
+    assert first.frame == 0 and first.total == pytest.approx(report.first_frame_latency, abs=0.05)
+    assert all(e.audio_wait == 0 for e in report.latency)  # all the audio was in at the start
