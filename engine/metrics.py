@@ -168,6 +168,8 @@ class RunMetrics:
         return self._arrivals[i][1] if i < len(self._arrivals) else None
 
     def on_item(self, stage: str, out: Any, start: float, end: float) -> None:
+        if stage not in self.BUSY:  # the live feeder only hands windows on
+            return
         index, frames = describe(out)
         with self._lock:
             self._budget(stage, out, index, end)

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SAMPLES_PER_FRAME = AUDIO_SAMPLE_RATE // FPS  # 640
 QUEUE_SIZES = {"stage2": 2, "decode": 2, "sink": 2}  # outputs a stage may run ahead of the next (stage1: settings)
+FEED_QUEUE = 4096  # live pose windows read ahead of Stage I (small dataclasses; the audio buffer bounds the rest)
 
 
 class RenderCancelled(RuntimeError):
@@ -261,7 +262,10 @@ class Runner:
                 progress(batch.n_frames)
             yield batch
 
-        stages = [("stage1", _PoseStage(self, buf, metrics), s.queue_size),
+        # live: a feeder thread takes the audio as it comes, so each chunk's arrival time is when it came, not when
+        # Stage I got round to it (the latency budget starts there)
+        feed = [("feed", _passthrough, FEED_QUEUE)] if total_frames is None and self.overlapped else []
+        stages = feed + [("stage1", _PoseStage(self, buf, metrics), s.queue_size),
                   ("stage2", _RenderStage(self, metrics), QUEUE_SIZES["stage2"]),
                   ("decode", lambda result: self._decode(result, metrics), QUEUE_SIZES["decode"]),
                   ("sink", deliver, QUEUE_SIZES["sink"])]
@@ -344,6 +348,10 @@ class Runner:
 # ----------------------------------------------------------------------------------------------------------------
 # The stages of one run
 # ----------------------------------------------------------------------------------------------------------------
+def _passthrough(item):
+    return (item,)
+
+
 class _PoseStage:
     """Stage I of one run: (Window, audio-ready time) -> PoseWindow. Keeps the previous window for the seam."""
 

@@ -28,6 +28,7 @@ from engine.settings import LIVE, LIVE_CPU, RenderSettings
 from engine.sources import LiveSource
 from engine.types import FPS, SAMPLE_RATE
 
+from .latency import OutputLatency
 from .tracks import SAMPLES_PER_FRAME, AudioRecord, MediaClock, TimedQueueSink, make_tracks
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ class Session:
         self.keep_seconds = keep
         self.runner = Runner(models, avatar, options.settings)
         self.live = LiveSource()  # what the engine reads (16 kHz, the engine timeline)
-        self.sink = TimedQueueSink(options.queue_frames)
+        self.latency = OutputLatency()  # audio in -> frame out, measured per frame sent
+        self.sink = TimedQueueSink(options.queue_frames, on_put=self.latency.frames_in)
         self.record = AudioRecord(options.record_seconds)
         self.pushed = 0  # engine samples pushed so far (audio + filled silence)
         # 2. input side: any-rate audio from any thread, resampled to 16 kHz, drained by the feeder
@@ -139,7 +141,8 @@ class Session:
             start_margin=options.start_margin + (self.structural["max_frames"] - self.structural["first_frames"]) / FPS,
             max_lead_frames=max_lead, target_lead_frames=max(self.structural["swing"] + 4, max_lead // 2))
         size = (models.cfg.resolution, models.cfg.resolution)
-        self.video, self.audio = make_tracks(self.clock, self.sink, self.record, size, stamp=options.stamp_frames)
+        self.video, self.audio = make_tracks(self.clock, self.sink, self.record, size, stamp=options.stamp_frames,
+                                             on_sent=self.latency.sent)
         self.report = None  # the engine's RunReport (None while running / when cancelled)
         self._stop = threading.Event()
         self._closed = False
@@ -198,6 +201,7 @@ class Session:
         self.record.append(samples)  # first: the audio track may read it as soon as a frame of it exists
         self.live.push(samples, SAMPLE_RATE)
         self.pushed += len(samples)
+        self.latency.audio_in(self.pushed, time.monotonic())
 
     def _feed(self) -> None:
         """Real-time pacer: input audio as it comes, silence where none came, nothing while the engine is far behind."""
@@ -267,6 +271,16 @@ class Session:
         return any(t.is_alive() for t in self._threads.values())
 
     # ------------------------------------------------------------------------------------------------------------
+    def latency_budget(self) -> Dict[str, Dict[str, float]]:
+        """Where an audio sample's way to its frame on the wire goes, p50 and p95 in ms: the engine's stages (audio
+        wait, Stage I, Stage II, decode, sink: Runner.latency_budget), then ``playout`` (queued -> sent: the output
+        clock's delay), and ``total``, measured end to end per frame sent (not the sum of the parts)."""
+        engine, out = self.runner.latency_budget(), self.latency.percentiles()
+        if not engine or not out:
+            return {}
+        return {q: {**{k: v for k, v in engine[q].items() if k != "total"}, "engine": engine[q]["total"],
+                    "playout": out[q]["playout"], "total": out[q]["total"]} for q in ("p50", "p95")}
+
     def stats(self) -> Dict:
         """What the page shows: state, latency, fps, A/V offset, drops (JSON-ready)."""
         now = time.monotonic()
@@ -297,7 +311,7 @@ class Session:
             "av_offset_ms": None if av is None else round(av, 2),
             "audio_packets_sent": aus.sent,
             "structural_latency_frames": self.structural,
-            "latency_budget_ms": self.runner.latency_budget(),  # audio in -> frames out, per stage (p50 / p95)
+            "latency_budget_ms": self.latency_budget(),
             "engine_lag_ms": round((self.pushed - self.sink.put_frames * SAMPLES_PER_FRAME) / SAMPLE_RATE * 1000, 1),
             "input": asdict(self.inputs),
         }

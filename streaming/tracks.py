@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from fractions import Fraction
-from typing import Deque, Dict, Optional, Tuple
+from typing import Callable, Deque, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -163,14 +163,18 @@ class MediaClock:
 class TimedQueueSink(QueueSink):
     """QueueSink that also records when the first frame arrived (time.monotonic), for first-frame latency."""
 
-    def __init__(self, maxsize: int = 50) -> None:
+    def __init__(self, maxsize: int = 50, on_put: Optional[Callable[[int, int, float], None]] = None) -> None:
         super().__init__(maxsize)
         self.first_frame_time: Optional[float] = None
         self.meta: Optional[RunMeta] = None
+        self.on_put = on_put  # (first frame, frames, time.monotonic()) of every batch queued
 
     def put(self, batch: FrameBatch) -> None:
+        now = time.monotonic()
         if self.first_frame_time is None:
-            self.first_frame_time = time.monotonic()
+            self.first_frame_time = now
+        if self.on_put is not None:
+            self.on_put(batch.first_frame, batch.n_frames, now)
         super().put(batch)
 
     write = put
@@ -242,9 +246,10 @@ def _track_classes():
         kind = "video"
 
         def __init__(self, clock: MediaClock, sink: QueueSink, size: Tuple[int, int], stamp: bool = False,
-                     max_late_slots: int = 25) -> None:
+                     max_late_slots: int = 25, on_sent: Optional[Callable[[int, float], None]] = None) -> None:
             super().__init__()
             self.clock, self.sink, self.stamp = clock, sink, stamp
+            self.on_sent = on_sent  # (engine frame, time.monotonic()) of every fresh frame handed to the encoder
             self.max_late_slots = max_late_slots  # behind the clock by more than this: skip to the present
             self.stats = TrackStats()
             self._slot = 0
@@ -303,6 +308,8 @@ def _track_classes():
                 img = self._last if self._last is not None else self._blank
             else:
                 self._last, self._last_index = img, e
+                if self.on_sent is not None:
+                    self.on_sent(e, time.monotonic())
             shown = self._last_index
             if self.stamp:
                 img = stamp_frame(img, max(shown, 0))
@@ -366,10 +373,11 @@ def _track_classes():
 
 
 def make_tracks(clock: MediaClock, sink: QueueSink, record: AudioRecord, size: Tuple[int, int],
-                stamp: bool = False):
-    """(video track, audio track) on ``clock``: the avatar frames from ``sink`` and the engine audio in ``record``."""
+                stamp: bool = False, on_sent: Optional[Callable[[int, float], None]] = None):
+    """(video track, audio track) on ``clock``: the avatar frames from ``sink`` and the engine audio in ``record``;
+    ``on_sent(frame, time)`` hears of every fresh frame the video track hands to the encoder."""
     video_cls, audio_cls = _track_classes()
-    return video_cls(clock, sink, size, stamp=stamp), audio_cls(clock, record)
+    return video_cls(clock, sink, size, stamp=stamp, on_sent=on_sent), audio_cls(clock, record)
 
 
 __all__ = ["AudioRecord", "MediaClock", "TimedQueueSink", "TrackStats", "make_tracks", "stamp_frame", "read_stamp",

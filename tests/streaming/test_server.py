@@ -77,7 +77,9 @@ def test_round_trip_fps_latency_and_av_offset(warm_models, loopback_ice, speech)
     assert stats["av_offset_ms"] is not None and abs(stats["av_offset_ms"]) <= 40.0
     # where the engine's share of the delay went, per stage, while it ran
     budget = stats["latency_budget_ms"]
-    assert budget["p50"]["total"] > 0 and budget["p50"]["audio_wait"] >= 0 and budget["p95"]["stage2"] > 0
+    assert budget["p50"]["audio_wait"] >= 0 and budget["p95"]["stage2"] > 0
+    parts = sum(budget["p50"][k] for k in ("audio_wait", "stage1", "stage2", "decode", "sink", "playout"))
+    assert parts == pytest.approx(budget["p50"]["total"], rel=0.2), budget  # measured apart from its parts
 
 
 # ----------------------------------------------------------------------------------------------------------------
