@@ -15,7 +15,6 @@ Use ``--weights DIR`` (the release layout; ``engine weights fetch DIR`` download
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Optional, Sequence
 
 from engine.batch.cli import add_batch_parser
 from engine.doctor import add_doctor_parser
-from engine.models import export_model_set, load_model_set, prepare_avatar
+from engine.models import ExportSource, load_model_set, prepare_avatar
 from engine.options import (ASSETS, CLIError, add_audio_bitrate_flag, add_backend_flags, add_model_flags,
                             add_settings_flags, check_output, read_image, settings_from, setup_logging)
 from engine.settings import OFFLINE
@@ -100,7 +99,7 @@ def cmd_export(args) -> int:
     """`engine export`: export.cli runs it, with the networks engine.models loads (export imports no engine)."""
     from export.cli import run_export
 
-    return run_export(args, functools.partial(export_model_set, args))
+    return run_export(args, ExportSource.from_args(args))
 
 
 # ----------------------------------------------------------------------------------------------------------------

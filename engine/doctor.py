@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
+from engine.extras import install_hint
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -82,7 +84,7 @@ def _onnxruntime() -> Finding:
         import onnxruntime as ort
     except ImportError as e:
         return Finding("onnxruntime", False, f"not importable ({e}): no --backend onnxruntime",
-                       "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)")
+                       f"{install_hint('ort')} (CPU) or {install_hint('ort-gpu')} (CUDA)")
     return Finding("onnxruntime", True, f"{ort.__version__}, providers: {', '.join(ort.get_available_providers())}")
 
 
@@ -136,7 +138,7 @@ def _sounddevice() -> Finding:
     try:
         import sounddevice as sd  # needs the PortAudio shared library at import time
     except ImportError as e:
-        return Finding("sounddevice", False, f"not importable ({e}): no local microphone", "pip install sounddevice")
+        return Finding("sounddevice", False, f"not importable ({e}): no local microphone", install_hint("mic"))
     except OSError as e:
         return Finding("sounddevice", False, f"PortAudio library missing ({e}): no local microphone",
                        "apt-get install libportaudio2")
@@ -150,10 +152,10 @@ def _sounddevice() -> Finding:
 
 PROBES: Tuple[Callable[[], object], ...] = (
     _python, _torch,
-    lambda: _module("tensorrt", "tensorrt", "pip install tensorrt (NVIDIA GPU; for --backend tensorrt and "
+    lambda: _module("tensorrt", "tensorrt", f"{install_hint('tensorrt')} (NVIDIA GPU; for --backend tensorrt and "
                     "`engine export --format tensorrt`)", ": no --backend tensorrt"),
     _onnxruntime, _pyav, _espeak, _virtual_camera, _sounddevice,
-    lambda: _module("aiortc", "aiortc", "pip install aiortc (for `engine serve`)", ": no `engine serve`"),
+    lambda: _module("aiortc", "aiortc", f"{install_hint('serve')} (for `engine serve`)", ": no `engine serve`"),
 )
 
 

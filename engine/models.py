@@ -3,8 +3,9 @@ export` get their networks (and an avatar's reference features) from.
 
 * :class:`ModelOptions` -- the model flags of a command, as one frozen value (``ModelOptions.from_args(args)``).
 * :func:`load_model_set` -- the ModelSet those options ask for, with the chosen backend applied.
-* :func:`export_model_set` -- the networks ``engine export`` traces: the release weights, the seeded preset, or
-  (``--random-weights``) only the networks asked for, each from its own seed.
+* :class:`ExportSource` -- the networks ``engine export`` traces: the release weights, the seeded preset, or
+  (``--random-weights``) only the networks asked for, each from its own seed; the identity of their weights without
+  building them (the cache keys of a re-run that builds nothing).
 * :func:`prepare_avatar` -- an avatar's reference features for a model set (streaming goes through here, not mmgt).
 
 The command line's parser imports engine modules, so this one stays light at module level: torch and the networks
@@ -13,9 +14,9 @@ are imported inside the functions.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from engine.options import CLIError
 from engine.settings import RenderSettings
@@ -72,6 +73,7 @@ def load_model_set(options: Union[ModelOptions, Any], settings: RenderSettings):
     from mmgt.contract import Shapes
 
     opts = options if isinstance(options, ModelOptions) else ModelOptions.from_args(options)
+    _check_backend_library(opts.backend)  # before a model is loaded: a missing extra costs nothing
     device = resolve_device(opts.device)
     threads = opts.threads or (1 if device == "cpu" and opts.preset_name == "tiny" else None)
     if threads:
@@ -134,6 +136,20 @@ def for_settings(models, settings: RenderSettings):
     return dataclasses.replace(models, shapes=shapes)
 
 
+def _check_backend_library(backend: str) -> None:
+    """CLIError naming the extra to install when ``backend``'s library is absent."""
+    from engine.extras import missing_modules
+
+    if backend == "onnxruntime" and missing_modules(("onnxruntime",)):
+        from engine.backends.onnxruntime_backend import ORT_MISSING
+
+        raise CLIError(ORT_MISSING)
+    if backend == "tensorrt" and missing_modules(("tensorrt",)):
+        from engine.backends.tensorrt_backend import INSTALL_HINT
+
+        raise CLIError(f"--backend tensorrt needs the tensorrt extra (tensorrt not installed): {INSTALL_HINT}")
+
+
 def accelerate_models(models, compile: Union[str, bool] = False, cuda_graphs: bool = False):
     """``models`` with torch.compile and/or CUDA graphs for its shapes (built on their first call)."""
     from engine.backends import BackendUnavailable, accelerate
@@ -155,28 +171,91 @@ def prepare_avatar(models, image, pose_file: Optional[Path] = None, weights_dir:
 # ----------------------------------------------------------------------------------------------------------------
 # engine export
 # ----------------------------------------------------------------------------------------------------------------
-def export_model_set(args, networks: Sequence[str]):
-    """The model set ``engine export`` traces ``networks`` (mmgt.contracts.NETWORKS names) from, on the CPU in fp32,
-    as its flags (``args.weights``, ``.preset``, ``.random_weights``) ask: the release weights; else the preset
-    (default tiny) with the same seeded weights the engine builds; a trained preset without weights only with
-    --random-weights. ``functools.partial(export_model_set, args)`` is the loader export.cli.run_export takes."""
-    from mmgt import pipeline as P
-    from mmgt.config import get_preset
+@dataclass(frozen=True)
+class ExportSource:
+    """The networks ``engine export`` traces (``export.cli.ModelSource``), as its flags ask: the release weights
+    (``--weights DIR``); else the preset (default tiny) with the same seeded weights the engine builds; a trained
+    preset without weights only with ``--random-weights`` (only the networks exported, each module from its own seed).
 
-    if args.weights is not None:
-        return P.load_models(args.weights, get_preset(args.preset or "mmgt"))
-    cfg = get_preset(args.preset or "tiny")
-    if cfg.trained and not args.random_weights:
-        raise CLIError(f"preset {cfg.name!r} has trained weights: pass --weights DIR (or --random-weights "
-                       "to export its graphs with seeded random weights)")
-    if not cfg.trained:
-        return P.build_models(cfg)  # the same seeded weights the engine builds for this preset
-    return random_networks(cfg, networks)
+    The identity of each network's weights is known without building a model -- the digest of its release files
+    (cached by size and mtime beside them), or the seeded builder's inputs -- so a re-run with every artifact cached
+    loads nothing; the networks are loaded (on the CPU, fp32) only when an artifact must be built. Each artifact's
+    manifest still records the digest of the modules it was built from, which the engine's backends check at run
+    time."""
+
+    cfg: Any  # MMGTConfig of the networks
+    weights: Optional[Path] = None  # release weights directory (None: seeded random weights)
+    random_weights: bool = False  # a trained preset's graphs from seeded weights, module by module (random_networks)
+    parity: bool = True  # each artifact is compared with torch in onnxruntime (needs the ort extra)
+
+    @classmethod
+    def from_args(cls, args) -> "ExportSource":
+        """The source ``engine export``'s flags (``weights``, ``preset``, ``random_weights``, ``skip_parity``) ask
+        for; CLIError for a trained preset without weights."""
+        from mmgt.config import get_preset
+
+        parity = not getattr(args, "skip_parity", False)
+        try:
+            cfg = get_preset(args.preset or ("mmgt" if args.weights is not None else "tiny"))
+        except ValueError as e:
+            raise CLIError(f"--preset: {e}") from None
+        if args.weights is not None:
+            return cls(cfg, weights=Path(args.weights), parity=parity)
+        if cfg.trained and not args.random_weights:
+            raise CLIError(f"preset {cfg.name!r} has trained weights: pass --weights DIR (or --random-weights "
+                           "to export its graphs with seeded random weights)")
+        return cls(cfg, random_weights=cfg.trained, parity=parity)
+
+    def weights_identity(self, contract=None) -> Dict[str, Any]:
+        """What decides the weights of ``contract``'s network (None: of every network), found without building
+        it: the digest of its release files; or, for seeded weights, the preset, its config, the seed and the
+        version of the builder (the same inputs always give the same weights)."""
+        from export.manifest import code_version, config_hash, files_digest
+
+        if self.weights is not None:
+            from mmgt.weights import RELEASE_PARTS, ReleaseLayout
+
+            layout = ReleaseLayout(self.weights)
+            parts = weight_parts([contract]) if contract is not None else RELEASE_PARTS
+            return {"files": files_digest(self.weights, sorted({p for part in parts for p in layout.sources(part)}))}
+        sections = [f.name for f in fields(self.cfg) if is_dataclass(getattr(self.cfg, f.name))]
+        return {"preset": self.cfg.name, "config_hash": config_hash(self.cfg, sections), "seed": self.cfg.seed,
+                "builder": "random_networks" if self.random_weights else "build_models",
+                "code": code_version(("mmgt",), files=(Path(__file__),), dists=("torch", "diffusers", "transformers"))}
+
+    def load(self, networks: Sequence[str]):
+        """The model set holding ``networks`` (the export and ort extras are checked first: one line each)."""
+        from engine.extras import require_extra
+        from mmgt import pipeline as P
+
+        require_extra("export")
+        if self.parity:
+            require_extra("ort", "the parity check (or pass --skip-parity)")
+        if self.weights is not None:
+            return P.load_models(self.weights, self.cfg)
+        if not self.random_weights:
+            return P.build_models(self.cfg)  # the same seeded weights the engine builds for this preset
+        return random_networks(self.cfg, networks)
+
+
+def weight_parts(contracts) -> List[str]:
+    """The ModelSet attributes holding the weights of ``contracts``, sorted ("vae.decoder" -> "vae"; the frame
+    decoder of a model set without a light decoder is its VAE's)."""
+    attrs = {path.split(".")[0] for c in contracts for path in c.weights}
+    return sorted({"vae" if attr == "frame_decoder" else attr for attr in attrs})
+
+
+def random_seeds(cfg) -> Dict[str, int]:
+    """The seed of every module ``random_networks`` builds: the config's seed + the module's place in
+    ``RELEASE_PARTS``, so a module's weights do not depend on which networks an export asks for."""
+    from mmgt.weights import RELEASE_PARTS
+
+    return {part: cfg.seed + i for i, part in enumerate(RELEASE_PARTS)}
 
 
 def random_networks(cfg, networks: Sequence[str]):
-    """Only the modules the asked networks need, each from its own seed (release-size graphs on a CPU); a
-    ModelSet-like namespace with ``cfg`` and those modules. Which modules a network needs is its contract's
+    """Only the modules the asked networks need, each from its own seed (``random_seeds``: release-size graphs on a
+    CPU); a ModelSet-like namespace with ``cfg`` and those modules. Which modules a network needs is its contract's
     ``weights``."""
     from types import SimpleNamespace
 
@@ -195,21 +274,18 @@ def random_networks(cfg, networks: Sequence[str]):
                 "wav2vec2": lambda s: build_wav2vec2(cfg.wav2vec2, seed=s), "vae": lambda s: build_vae(cfg.vae, seed=s),
                 "clip": lambda s: build_clip(cfg.clip, seed=s)}
     contracts = network_contracts(cfg, Shapes.from_config(cfg))
-    # the ModelSet attributes holding each network's weights ("vae.decoder" -> "vae"; a model set without a light
-    # decoder decodes with its VAE), in a fixed order: the seeds
-    needed = {path.split(".")[0] for n in networks for path in contracts[n].weights}
-    needed = sorted({"vae" if attr == "frame_decoder" else attr for attr in needed})
+    seeds = random_seeds(cfg)
     attrs = {}
-    for i, attr in enumerate(needed):
+    for attr in weight_parts(contracts[n] for n in networks):
         if attr in builders:
-            attrs[attr] = builders[attr](cfg.seed + i)
+            attrs[attr] = builders[attr](seeds[attr])
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed + i)
+                torch.manual_seed(seeds[attr])
                 attrs[attr] = stage2[attr]().eval()
-        log.info("built %s with random weights", attr)
+        log.info("built %s with random weights (seed %d)", attr, seeds[attr])
     return SimpleNamespace(cfg=cfg, frame_decoder=attrs.get("vae"), **attrs)
 
 
-__all__ = ["for_settings", "ModelOptions", "resolve_device", "load_model_set", "accelerate_models", "prepare_avatar",
-           "export_model_set", "random_networks"]
+__all__ = ["for_settings", "ModelOptions", "resolve_device", "load_model_set", "accelerate_models", "prepare_avatar", "ExportSource",
+           "weight_parts", "random_seeds", "random_networks"]

@@ -14,6 +14,7 @@ from typing import Deque, Iterator, Optional
 
 import numpy as np
 
+from engine.extras import install_hint
 from engine.types import SAMPLE_RATE, AudioChunk
 
 logger = logging.getLogger(__name__)
@@ -209,9 +210,11 @@ class MicrophoneSource:
             return
         try:
             import sounddevice as sd  # needs the PortAudio shared library at import time
-        except (ImportError, OSError) as e:
-            raise AudioDeviceError(f"microphone input needs the sounddevice package and the PortAudio library "
-                                   f"(e.g. apt-get install libportaudio2): {e}") from e
+        except ImportError as e:
+            raise AudioDeviceError(f"microphone input needs the mic extra ({e}): {install_hint('mic')}") from e
+        except OSError as e:
+            raise AudioDeviceError(f"microphone input needs the PortAudio library (e.g. apt-get install "
+                                   f"libportaudio2): {e}") from e
         name = "the default input device" if self.device is None else f"input device {self.device!r}"
         try:
             info = sd.query_devices(self.device, kind="input")

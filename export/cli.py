@@ -4,34 +4,54 @@
     engine export --weights W --out A --format all --fp16 --timing-cache A/timing.cache
     engine export --preset mmgt --random-weights --only denoising_unet --out A --skip-parity   (release-size graph)
 
-For each network (and format) the cache key of the artifact is computed first; a valid artifact under
-``<out>/<network>/<cache_key>/`` is reused ("cached"), a missing, partial or edited one is built ("built") -- or,
-with ``--no-build``, refused. One progress line per network, then a summary table. ``engine/cli.py`` mounts the
-sub-command with ``add_export_parser`` and runs it with ``run_export``, handing it the loader of the model set
-(``engine.models.export_model_set``): export imports no engine module (DESIGN.md). This module stays light at module
-level (``engine --help`` imports it); onnx, torch and TensorRT are imported when the command runs.
+For each network (and format) the cache key of the artifact is computed first, with no model built: the weights
+enter it through their identity (the digest of the release files, cached by size and mtime; or the seed and builder
+of a seeded preset). A valid artifact under ``<out>/<network>/<cache_key>/`` is reused ("cached"), a missing, partial
+or edited one is built ("built") -- or, with ``--no-build``, refused. The networks are loaded only when some
+artifact must be built, so a re-run with everything cached imports no torch. One progress line per network, then a
+summary table. ``engine/cli.py`` mounts the sub-command with ``add_export_parser`` and runs it with ``run_export``,
+handing it the model source (``engine.models.ExportSource``): export imports no engine module (DESIGN.md). This
+module stays light at module level (``engine --help`` imports it); onnx, torch and TensorRT are imported when an
+artifact is built.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Optional, Protocol, Sequence, TextIO
 
 from mmgt.contract import DEFAULT_CHUNK
 from mmgt.contracts import NETWORKS
 
 from .manifest import (DEFAULT_OPSET, DEFAULT_OPT_LEVEL, DEFAULT_WORKSPACE_GB, ONNX_NAME, PLAN_NAME, ArtifactError,
-                       artifact_dir, atomic_directory, cache_key, config_hash, make_manifest, network_weights,
-                       validate_artifact, weights_digest, write_manifest)
+                       artifact_dir, atomic_directory, atomic_write_bytes, cache_key, canonical_json, code_version,
+                       config_hash, make_manifest, network_weights, sha256_text, validate_artifact, weights_digest,
+                       write_manifest)
 
 log = logging.getLogger(__name__)
 
 FORMAT_CHOICES = {"onnx": ("onnx",), "tensorrt": ("tensorrt",), "all": ("onnx", "tensorrt")}
-# networks (mmgt.contracts.NETWORKS names) -> a model set holding them (a ModelSet or a namespace with .cfg)
-ModelLoader = Callable[[Sequence[str]], Any]
+INDEX = Path(".cache") / "export-index.json"  # under --out: what earlier runs asked for -> their artifacts' keys
+INDEX_ENTRIES = 64  # requests remembered (the oldest are dropped)
+
+
+class ModelSource(Protocol):
+    """What `engine export` exports from (``engine.models.ExportSource``): the config and the identity of every
+    network's weights are known without building anything; the networks are loaded only when an artifact must be
+    built."""
+
+    cfg: Any  # the MMGTConfig the networks are built from
+
+    def weights_identity(self, contract=None) -> Any:
+        """A JSON value that changes whenever the weights of ``contract``'s network (None: of any network) do; found
+        without building a model."""
+
+    def load(self, networks: Sequence[str]) -> Any:
+        """A model set (a ModelSet, or a namespace with ``cfg`` and the modules) holding ``networks``."""
 
 
 class ExportUsageError(ValueError):
@@ -44,7 +64,10 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export", help="export every network to ONNX / TensorRT (cached artifacts)",
         description="Export the MMGT networks to ONNX (checked against torch in onnxruntime) and TensorRT plans. "
-                    "Artifacts are cached under OUT/<network>/<cache_key>/ and reused when nothing changed.",
+                    "Artifacts are cached under OUT/<network>/<cache_key>/ and reused when nothing changed; the keys "
+                    "come from the weight files' digests (recorded beside them by size and mtime) without loading a "
+                    "model, so a re-run with everything cached loads none. Needs the export extra (and the ort "
+                    "extra for the parity check).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_argument_group("model")
     src.add_argument("--preset", help="model preset: tiny (random weights, CPU) or mmgt (default with --weights)")
@@ -83,11 +106,12 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------------
 # Key fields
 # ----------------------------------------------------------------------------------------------------------------
-def key_fields(spec, cfg, shapes, digest: str, fmt: str, precision: str, opset: int,
+def key_fields(spec, cfg, shapes, weights: Any, fmt: str, precision: str, opset: int,
                trt: Optional[Dict[str, Any]] = None, source_precision: Optional[str] = None) -> Dict[str, Any]:
-    """Everything that changes the artifact (and nothing else): its hash is the cache key."""
+    """Everything that changes the artifact (and nothing else): its hash is the cache key. ``weights``: the identity
+    of the network's weights (``ModelSource.weights_identity``)."""
     fields = {"network": spec.name, "contract_version": spec.version, "format": fmt, "precision": precision,
-              "config_hash": config_hash(cfg, spec.config_sections), "weights_digest": digest,
+              "config_hash": config_hash(cfg, spec.config_sections), "weights": weights,
               "shapes": spec.shape_values(shapes), "io": spec.io_json(source_precision or precision),
               "opset": opset, "exporter": spec.exporter, "meta": dict(spec.meta)}
     if fmt == "tensorrt":
@@ -141,11 +165,17 @@ def _build(spec, models, directory: Path, fields: Dict[str, Any], args, fmt: str
 
 
 def _versions() -> Dict[str, str]:
+    import importlib.util
+
     import onnx
-    import onnxruntime
     import torch
 
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__}
+    if importlib.util.find_spec("onnxruntime") is not None:  # absent with --skip-parity and no ort extra
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    return versions
 
 
 def _size(manifest: Optional[Dict[str, Any]]) -> int:
@@ -170,29 +200,28 @@ def _parity_text(manifest: Optional[Dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------------------------
-def run_export(args, load_models: ModelLoader, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+def run_export(args, source: ModelSource, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
     """Run ``engine export`` with parsed ``args``: 0 when every artifact is valid, 1 on failures, 2 on bad usage.
-    ``load_models(networks)`` gives the model set to export, once the flags are checked."""
+    ``source`` gives the config and the weights' identities at once, and the networks when something is built."""
     out = out or sys.stdout
     err = err or sys.stderr
-    from mmgt.weights import WeightsError
+    from mmgt.weights import WeightsError  # light: torch is imported by its loaders, not by the module
 
     try:
-        return _run(args, load_models, out, err)
+        return _run(args, source, out, err)
     except (ExportUsageError, ArtifactError, WeightsError) as e:
         print(f"engine export: error: {e}", file=err)
         return 2
 
 
-def _run(args, load_models: ModelLoader, out: TextIO, err: TextIO) -> int:
+def _run(args, source: ModelSource, out: TextIO, err: TextIO) -> int:
     from mmgt.contract import Shapes
     from mmgt.contracts import contract_notes, network_contracts
 
-    from .onnx import ExportError
     from .tensorrt import source_precision as trt_source_precision
     from .tensorrt import tensorrt_problem, trt_environment
 
-    # 1. flags that cannot work, before anything is loaded
+    # 1. flags that cannot work, before anything is read
     formats = FORMAT_CHOICES[args.format]
     if args.force and args.no_build:
         raise ExportUsageError("--force and --no-build contradict each other")
@@ -208,34 +237,45 @@ def _run(args, load_models: ModelLoader, out: TextIO, err: TextIO) -> int:
             raise ExportUsageError(problem)
         trt_env = trt_environment()
     requested = [n for n in NETWORKS if not args.only or n in args.only]
-
-    # 2. models, shapes, contracts
     t_start = time.perf_counter()
-    models = load_models(requested)
-    cfg = models.cfg
+    cfg = source.cfg
     try:
         shapes = Shapes.from_config(cfg, chunk=args.chunk, guidance=args.guidance, window=args.window,
                                     smga_guidance=args.smga_guidance)
     except ValueError as e:
         raise ExportUsageError(str(e)) from None
-    specs = network_contracts(cfg, shapes)
     notes = contract_notes(cfg, shapes)
     for name in requested:
         if name in notes:
             if args.only:
                 raise ExportUsageError(f"{name}: {notes[name]}")
             print(f"  {name:<18} not exported: {notes[name]}", file=out)
-    todo = [specs[n] for n in requested if n in specs]
     precision_req = "fp16" if args.fp16 else "fp32"
     print(f"engine export: {cfg.name} -> {args.out} ({args.format}, {precision_req}, chunk {shapes.chunk}, "
           f"window {shapes.smga_window}, denoiser batch {shapes.unet_batch}, SMGA batch {shapes.smga_batch})",
           file=out)
 
-    # 3. each network x format: cached, built, refused or failed
+    # 2. a request an earlier run completed: its artifacts' keys from the index, checked, and done (the contracts'
+    #    modules import torch: a re-run with everything cached never gets to them)
+    request = _request(args, source, shapes, formats, trt_env, requested)
+    if not args.force:
+        indexed = _indexed_rows(args.out, request)
+        if indexed is not None:
+            for i, row in enumerate(indexed):
+                _progress(out, i + 1, len(indexed), row)
+            _summary(out, indexed, time.perf_counter() - t_start)
+            return 0
+
+    # 3. the contracts of the networks to export
+    specs = network_contracts(cfg, shapes)
+    todo = [specs[n] for n in requested if n in specs]
+
+    # 4. each network x format: its key (the weights' identity, no model built), then cached, to build or refused
     rows: List[Dict[str, Any]] = []
+    builds: List[Dict[str, Any]] = []  # what step 5 builds: row, contract, key fields, problem
     total = len(todo) * len(formats)
     for spec in todo:
-        digest = weights_digest(network_weights(models, spec))
+        identity = source.weights_identity(spec)
         for fmt in formats:
             t0 = time.perf_counter()
             precision = spec.precision(precision_req)
@@ -245,10 +285,12 @@ def _run(args, load_models: ModelLoader, out: TextIO, err: TextIO) -> int:
                 trt_fields = {"version": trt_env["version"], "compute_capability": trt_env["compute_capability"],
                               "typing": "strong" if src_precision == "fp16" else "weak",
                               "opt_level": args.opt_level, "workspace_gb": args.workspace_gb}
-            fields = key_fields(spec, cfg, shapes, digest, fmt, precision, args.opset, trt_fields, src_precision)
+            fields = key_fields(spec, cfg, shapes, identity, fmt, precision, args.opset, trt_fields, src_precision)
             key = cache_key(fields)
+            row = {"network": spec.name, "format": fmt, "precision": precision, "key": key, "manifest": None,
+                   "status": None, "src_precision": src_precision}
+            rows.append(row)
             directory = artifact_dir(args.out, spec.name, key)
-            row = {"network": spec.name, "format": fmt, "precision": precision, "key": key, "manifest": None}
             problem = None
             if args.force:
                 problem = "--force"
@@ -261,25 +303,100 @@ def _run(args, load_models: ModelLoader, out: TextIO, err: TextIO) -> int:
             if problem is not None and args.no_build:
                 row["status"], row["error"] = "refused", problem
             elif problem is not None:
-                if directory.exists():
-                    log.warning("%s %s: rebuilding (%s)", spec.name, fmt, problem)
-                try:
-                    with atomic_directory(directory) as tmp:
-                        _build(spec, models, tmp, fields, args, fmt, precision, src_precision)
-                    row["manifest"] = validate_artifact(directory, expect_key=key, require=_required_files(fmt))
-                    row["status"] = "built" if problem in ("not exported yet", "--force") else "rebuilt"
-                except (ExportError, RuntimeError, ArtifactError) as e:
-                    row["status"], row["error"] = "failed", str(e).splitlines()[0]
+                builds.append({"row": row, "spec": spec, "fields": fields, "problem": problem})
             row["seconds"] = time.perf_counter() - t0
-            rows.append(row)
-            _progress(out, len(rows), total, row)
+            if row["status"] is not None:
+                _progress(out, sum(1 for r in rows if r["status"] is not None), total, row)
 
-    # 4. summary
+    # 5. the networks, loaded only now and only those with an artifact to build
+    if builds:
+        from .onnx import ExportError
+
+        models = source.load([b["spec"].name for b in builds])
+        for b in builds:
+            row, spec, fields = b["row"], b["spec"], b["fields"]
+            directory = artifact_dir(args.out, spec.name, row["key"])
+            t0 = time.perf_counter()
+            if directory.exists():
+                log.warning("%s %s: rebuilding (%s)", spec.name, row["format"], b["problem"])
+            try:
+                with atomic_directory(directory) as tmp:
+                    _build(spec, models, tmp, fields, args, row["format"], row["precision"], row["src_precision"])
+                row["manifest"] = validate_artifact(directory, expect_key=row["key"],
+                                                    require=_required_files(row["format"]))
+                row["status"] = "built" if b["problem"] in ("not exported yet", "--force") else "rebuilt"
+            except (ExportError, RuntimeError, ArtifactError) as e:
+                row["status"], row["error"] = "failed", str(e).splitlines()[0]
+            row["seconds"] += time.perf_counter() - t0
+            _progress(out, sum(1 for r in rows if r["status"] is not None), total, row)
+
+    # 6. summary; a complete run is remembered for the next one
     _summary(out, rows, time.perf_counter() - t_start)
     bad = [r for r in rows if r["status"] in ("refused", "failed")]
     for r in bad:
         print(f"engine export: {r['network']} {r['format']} {r['status']}: {r['error']}", file=err)
+    if not bad:
+        _remember(args.out, request, rows)
     return 1 if bad else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The index: a request -> the keys of its artifacts, so a re-run needs neither the contracts nor the models
+# ----------------------------------------------------------------------------------------------------------------
+def _request(args, source: ModelSource, shapes, formats, trt_env, requested) -> str:
+    """The digest of everything the cache keys of this run are made of, each taken whole (the whole config, every
+    weight file, the source of mmgt and export): equal requests give equal keys, so the keys an earlier run computed
+    for it are this run's. The TensorRT fields are the environment's and the builder settings."""
+    trt = None
+    if trt_env is not None:
+        trt = {"version": trt_env["version"], "compute_capability": trt_env["compute_capability"],
+               "opt_level": args.opt_level, "workspace_gb": args.workspace_gb}
+    return sha256_text(canonical_json({
+        "networks": list(requested), "formats": list(formats), "fp16": bool(args.fp16), "opset": args.opset,
+        "config": source.cfg, "shapes": shapes, "weights": source.weights_identity(None), "tensorrt": trt,
+        "code": code_version(("mmgt", "export"))}))
+
+
+def _read_index(out: Path) -> Dict[str, Any]:
+    try:
+        index = json.loads((Path(out) / INDEX).read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _indexed_rows(out: Path, request: str) -> Optional[List[Dict[str, Any]]]:
+    """The rows of a request an earlier run completed, each artifact validated (sha256 of its files) like a cached
+    one; None when the request is new or any artifact is gone or invalid (the full path then rebuilds it)."""
+    entry = _read_index(out).get(request)
+    if not isinstance(entry, dict) or not isinstance(entry.get("rows"), list):
+        return None
+    rows = []
+    for saved in entry["rows"]:
+        t0 = time.perf_counter()
+        try:
+            row = {k: saved[k] for k in ("network", "format", "precision", "key")}
+            directory = artifact_dir(out, row["network"], row["key"])
+            row["manifest"] = validate_artifact(directory, expect_key=row["key"],
+                                                require=_required_files(row["format"]))
+        except (KeyError, TypeError, ArtifactError) as e:
+            log.info("export index: %s; checking every network", e)
+            return None
+        rows.append(dict(row, status="cached", seconds=time.perf_counter() - t0))
+    return rows if rows else None
+
+
+def _remember(out: Path, request: str, rows: List[Dict[str, Any]]) -> None:
+    """Add a complete run to the index (atomic; an unwritable --out only costs the next run the full path)."""
+    index = _read_index(out)
+    index.pop(request, None)
+    index[request] = {"rows": [{k: r[k] for k in ("network", "format", "precision", "key")} for r in rows],
+                      "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    keep = dict(list(index.items())[-INDEX_ENTRIES:])
+    try:
+        atomic_write_bytes(Path(out) / INDEX, (json.dumps(keep, indent=1) + "\n").encode("utf-8"))
+    except OSError as e:
+        log.warning("%s: not written (%s); the next run checks every network", Path(out) / INDEX, e)
 
 
 def _progress(out: TextIO, i: int, n: int, row: Dict[str, Any]) -> None:
@@ -315,4 +432,4 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-__all__ = ["add_export_parser", "run_export", "key_fields", "build_parser", "ExportUsageError", "ModelLoader"]
+__all__ = ["add_export_parser", "run_export", "key_fields", "build_parser", "ExportUsageError", "ModelSource"]

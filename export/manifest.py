@@ -7,10 +7,11 @@ Layout written by ``engine export`` and read by the engine's backends::
     <out>/<network>/<cache_key>/manifest.json
 
 The cache key hashes exactly what changes the artifact (``key_fields``): the network and its contract version, the
-config sections the network is built from, the digest of its weights, its input/output shapes and TensorRT profile,
-the precision, the ONNX opset and exporter, and for a plan the TensorRT version, the GPU compute capability and the
-builder settings. A directory whose manifest does not hash to its own name, whose manifest was edited, or whose files
-differ in size or sha256 from what the manifest lists is invalid: export rebuilds it (or refuses with
+config sections the network is built from, the identity of its weights (the digest of its release files, cached by
+size and mtime: ``files_digest``; or what a seeded preset builds them from), its input/output shapes and TensorRT
+profile, the precision, the ONNX opset and exporter, and for a plan the TensorRT version, the GPU compute capability
+and the builder settings. A directory whose manifest does not hash to its own name, whose manifest was edited, or
+whose files differ in size or sha256 from what the manifest lists is invalid: export rebuilds it (or refuses with
 ``--no-build``), the engine refuses it. Nothing is used on trust.
 
 This module is the one piece of ``export`` that the engine imports (DESIGN.md), so it holds everything both sides
@@ -114,6 +115,30 @@ def weights_digest(modules: Mapping[str, Any], dtype: Optional[str] = None) -> s
     return digest.hexdigest()
 
 
+def code_version(packages: Sequence[str], files: Sequence[Path] = (), dists: Sequence[str] = ()) -> str:
+    """20 hex digits of sha256 over the Python sources of ``packages`` (and ``files``) and the installed versions of
+    the distributions ``dists``, read without importing any of them: what turns inputs into an artifact or a seed
+    into weights, for keys that must change when that code does."""
+    import importlib.metadata
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for package in packages:
+        base = Path(importlib.util.find_spec(package).origin).parent
+        for path in sorted(base.rglob("*.py")):
+            digest.update(f"{package}/{path.relative_to(base).as_posix()}|".encode())
+            digest.update(path.read_bytes())
+    for path in files:
+        digest.update(f"{Path(path).name}|".encode())
+        digest.update(Path(path).read_bytes())
+    for dist in dists:
+        try:
+            digest.update(f"|{dist}=={importlib.metadata.version(dist)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"|{dist} missing".encode())
+    return digest.hexdigest()[:20]
+
+
 def network_weights(models: Any, contract: Contract) -> Dict[str, Any]:
     """{path: module} holding the weights of a contract's network in a ModelSet-like object."""
     return {path: resolve_attr(models, path) for path in contract.weights}
@@ -134,7 +159,7 @@ def cache_key(key_fields: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Files: sha256, atomic writes
+# Files: sha256, the digest of weight files (cached), atomic writes
 # ----------------------------------------------------------------------------------------------------------------
 def file_sha256(path: Path, block: int = 1 << 22) -> str:
     digest = hashlib.sha256()
@@ -145,6 +170,62 @@ def file_sha256(path: Path, block: int = 1 << 22) -> str:
                 break
             digest.update(chunk)
     return digest.hexdigest()
+
+
+DIGEST_CACHE = Path(".cache") / "mmgt-digests.json"  # under a weights directory: {file: {size, mtime_ns, sha256}}
+RACY_NS = 2_000_000_000  # a file modified this recently may change again within its mtime's granularity: not recorded
+
+
+def files_digest(root: Path, paths: Sequence[Path]) -> str:
+    """sha256 over the contents of ``paths`` (files, or folders taken whole) under ``root``, without rereading
+    gigabytes at every start.
+
+    Each file's sha256 is kept in ``root/.cache/mmgt-digests.json`` with the size and mtime it had; a file whose size
+    or mtime differs from the record (rewritten, replaced, touched) is hashed again, the others are not read; a file
+    modified in the last two seconds is not recorded (a rewrite within its mtime's granularity would go unseen). The
+    digest covers each file's path relative to ``root`` and its sha256, so moving the whole directory changes
+    nothing; a missing path counts as missing. Hidden entries (``.cache``, temp files) are not weights and are
+    skipped. A read-only ``root`` only costs the rehashing: the record is written when it can be.
+    """
+    root = Path(root)
+    cache_path = root / DIGEST_CACHE
+    try:
+        cache = json.loads(cache_path.read_text("utf-8"))
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    entries: List[Tuple[str, str]] = []
+    changed = False
+    for path in paths:
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file() and not _hidden(p, path)) \
+            if Path(path).is_dir() else [Path(path)]
+        for f in files:
+            rel = os.path.relpath(f, root)
+            try:
+                st = f.stat()
+            except OSError:
+                entries.append((rel, "missing"))
+                continue
+            known = cache.get(rel)
+            if isinstance(known, dict) and known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns:
+                entries.append((rel, known["sha256"]))
+                continue
+            sha = file_sha256(f)
+            log.info("hashed %s (%d bytes)", f, st.st_size)
+            entries.append((rel, sha))
+            if time.time_ns() - st.st_mtime_ns > RACY_NS:
+                cache[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+                changed = True
+    if changed:
+        try:
+            atomic_write_bytes(cache_path, (json.dumps(cache, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+        except OSError as e:
+            log.debug("%s: digest record not written (%s); the files are hashed again next time", cache_path, e)
+    return sha256_text(canonical_json(entries))
+
+
+def _hidden(path: Path, base: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(base).parts)
 
 
 def describe_files(directory: Path, names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
@@ -339,8 +420,8 @@ def _mismatch(have: Mapping[str, Any], want: Mapping[str, Any]) -> Optional[str]
 __all__ = [
     "SCHEMA", "MANIFEST_NAME", "ONNX_NAME", "ONNX_DATA_NAME", "PLAN_NAME", "FORMATS", "PRECISIONS", "DEFAULT_OPSET",
     "DEFAULT_OPT_LEVEL", "DEFAULT_WORKSPACE_GB", "RUNTIME_CONFIG_FIELDS", "ArtifactError", "canonical_json",
-    "config_hash", "weights_digest",
-    "network_weights", "module_float_dtype", "cache_key", "file_sha256", "describe_files", "atomic_write_bytes",
+    "config_hash", "code_version", "weights_digest", "network_weights", "module_float_dtype", "cache_key",
+    "file_sha256", "DIGEST_CACHE", "RACY_NS", "files_digest", "describe_files", "atomic_write_bytes",
     "atomic_directory", "make_manifest", "write_manifest", "read_manifest", "validate_artifact", "artifact_dir",
     "find_artifact",
 ]

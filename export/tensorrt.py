@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 
 from mmgt.contract import Contract
 
 from .manifest import DEFAULT_OPT_LEVEL, DEFAULT_WORKSPACE_GB, atomic_write_bytes
+
+if TYPE_CHECKING:  # numpy is imported where plans run: `engine export`'s cached path stays light
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ _TORCH_OF_TRT = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64
 def run_plan(plan_path: Path, feeds: Mapping[str, "np.ndarray"]) -> Dict[str, np.ndarray]:
     """Run a plan once on GPU 0 (for parity at export time): numpy in, numpy out."""
     require_tensorrt()
+    import numpy as np
     import tensorrt as trt
     import torch
 
@@ -188,6 +190,8 @@ def run_plan(plan_path: Path, feeds: Mapping[str, "np.ndarray"]) -> Dict[str, np
 
 def check_plan_parity(spec: Contract, plan_path: Path, reference, precision: str) -> Dict[str, Any]:
     """Max abs diff of the plan against the fp32 torch reference (on CPU) at the contract's opt point."""
+    import numpy as np
+
     from .onnx import torch_outputs
 
     feeds = spec.sample_inputs("fp32", seed=1)

@@ -34,10 +34,13 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import torch
-from torch import nn
+# torch is imported inside the functions that read or build tensors: the release layout stays light to read
+# (`engine export` computes its cache keys from the weight files without torch)
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ TWIN_STAMP_KEYS = ("mmgt_source_name", "mmgt_source_size", "mmgt_source_mtime_ns
 
 # Stage II: net-32500.pth prefix -> attribute of the Stage II module set (see STAGE2_PARTS).
 STAGE2_PREFIXES: Tuple[str, ...] = ("reference_unet.", "denoising_unet.", "pose_guider.", "audioproj.")
+# The ModelSet attributes that hold weights, each from its own part of the release layout (ReleaseLayout.sources)
+RELEASE_PARTS: Tuple[str, ...] = ("smga", "wavlm", "wav2vec2", "vae", "clip", *(p[:-1] for p in STAGE2_PREFIXES))
 
 # Remap tables: (regex, replacement) applied in order to every key of a checkpoint.
 SMGA_REMAP: Tuple[Tuple[str, str], ...] = (
@@ -74,11 +79,19 @@ class ReleaseLayout:
 
     @property
     def smga(self) -> Path:  # Stage I checkpoint (its safetensors twin when fresh)
-        return prefer_twin(self.root / "MMGT_pretrained" / "stage_1" / "audio2pose_best_model.pt")
+        return prefer_twin(self._smga_pickle)
 
     @property
     def net(self) -> Path:  # every trained Stage II weight (its safetensors twin when fresh)
-        return prefer_twin(self.root / "MMGT_pretrained" / "stage_2" / "process_2" / "net-32500.pth")
+        return prefer_twin(self._net_pickle)
+
+    @property
+    def _smga_pickle(self) -> Path:
+        return self.root / "MMGT_pretrained" / "stage_1" / "audio2pose_best_model.pt"
+
+    @property
+    def _net_pickle(self) -> Path:
+        return self.root / "MMGT_pretrained" / "stage_2" / "process_2" / "net-32500.pth"
 
     @property
     def unet_config(self) -> Path:  # SD1.5 UNet config.json
@@ -106,6 +119,31 @@ class ReleaseLayout:
     @property
     def dwpose(self) -> Path:  # DWPose ONNX directory
         return self.root / "DWPose"
+
+    def sources(self, part: str) -> Tuple[Path, ...]:
+        """The files and folders whose contents decide the weights of ModelSet attribute ``part`` (one of
+        ``RELEASE_PARTS``), found without reading any of them.
+
+        A pickled checkpoint stands for its safetensors twin: the loaders read the twin only while it is a faithful
+        copy of the pickle (else the pickle), so the pickle's contents decide the weights either way and a
+        conversion changes nothing; the twin counts only where the pickle is gone. A Stage II network also depends
+        on the UNet config. `engine export` hashes these to key its artifacts without loading a model."""
+        stage2 = (_pickle_or_twin(self._net_pickle), self.unet_config)
+        table = {"smga": (_pickle_or_twin(self._smga_pickle),), "wav2vec2": (self.wav2vec2,), "vae": (self.vae,),
+                 "clip": (self.image_encoder,), **{name[:-1]: stage2 for name in STAGE2_PREFIXES}}
+        if part == "wavlm":
+            pt = self.root / "WavLM-Large.pt"
+            source = _pickle_or_twin(pt)
+            return (source,) if source.exists() else (self.root / "WavLM-Large",)
+        if part not in table:
+            raise KeyError(f"no release files for {part!r}; known: {', '.join(RELEASE_PARTS)}")
+        return table[part]
+
+
+def _pickle_or_twin(pickle_path: Path) -> Path:
+    """``pickle_path`` unless only its safetensors twin is there."""
+    twin = safetensors_twin(pickle_path)
+    return twin if not pickle_path.exists() and twin.exists() else pickle_path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,6 +239,7 @@ def write_twin(source: Path | str, tensors: Mapping[str, torch.Tensor],
     """Write ``tensors`` as the safetensors twin of the pickled ``source``, atomically, stamped with the source's
     size and mtime; the file is read back and must hold the same keys, dtypes and values before it replaces
     anything. The source is left as it is."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -237,6 +276,8 @@ def read_checkpoint(path: Path | str, prefer_safetensors: bool = True, meta: boo
     ``prefer_safetensors``: read a pickle's fresh safetensors twin instead (:func:`prefer_twin`). ``meta``: shapes
     only, for layout checks of multi-GB files: safetensors tensors come on the meta device from the header, torch
     checkpoints are memory-mapped (their data is not read)."""
+    import torch
+
     p = prefer_twin(path) if prefer_safetensors else Path(path)
     if not p.is_file():
         raise WeightsError(f"{p}: file not found")
@@ -347,6 +388,8 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
 # ----------------------------------------------------------------------------------------------------------------
 def smga_state_from_checkpoint(obj: Mapping, path: Path | str) -> Dict[str, torch.Tensor]:
     """The SMGA weights of an audio2pose checkpoint dict: 'ema_state_dict' (else 'model_state_dict', else flat)."""
+    import torch
+
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
     for key in ("ema_state_dict", "model_state_dict", "state_dict"):
@@ -400,6 +443,8 @@ def split_stage2(state: Mapping[str, torch.Tensor], path: Path | str) -> Dict[st
 
 def stage2_tensors(obj, path: Path | str) -> Dict[str, torch.Tensor]:
     """The tensors of a net-32500 checkpoint dict (flat, or under 'state_dict'), keys as in the file."""
+    import torch
+
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -443,6 +488,8 @@ def save_stage2(modules: Mapping[str, nn.Module], path: Path | str) -> Path:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         torch.save(obj, tmp)
@@ -471,6 +518,8 @@ def stage2_builders(cfg) -> Dict[str, Callable[[], nn.Module]]:
 # Layout check against ../shared/mmgt_keys
 # ----------------------------------------------------------------------------------------------------------------
 def _meta_shapes(build: Callable[[], nn.Module]) -> Dict[str, Tuple[int, ...]]:
+    import torch
+
     with torch.device("meta"):
         module = build()
     return shapes_of(module.state_dict())

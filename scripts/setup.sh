@@ -2,7 +2,7 @@
 # One-command set-up on a fresh Debian/Ubuntu machine (or CI):
 #   system packages (audio, test speech, a browser for the WebRTC page test),
 #   a virtual environment in .venv, the CPU build of torch where no NVIDIA GPU is present,
-#   then this package with its dev extra.
+#   then this package with the extras the tests use, at the versions of constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,13 +23,17 @@ fi
 VPY=.venv/bin/python
 $VPY -m pip install -q --upgrade pip wheel setuptools
 
-# torch first: without a GPU take the CPU build, so the plain range in pyproject.toml pulls nothing more.
+# Versions known to pass (constraints.txt; README.md says how to refresh it). torch first: without a GPU take the CPU
+# build, so the pinned version pulls nothing more.
+PIN="-c constraints.txt"
 if ! $VPY -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-    $VPY -m pip install -q "torch>=2.4"
+    $VPY -m pip install -q $PIN torch
   else
-    $VPY -m pip install -q "torch==2.13.0" || $VPY -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    $VPY -m pip install -q $PIN torch ||
+      $VPY -m pip install -q $PIN torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-$VPY -m pip install -q -e ".[dev,ray]"
+# the package with every extra the tests use (tensorrt and ort-gpu are for GPU machines: install them there by hand)
+$VPY -m pip install -q $PIN -e ".[serve,export,ort,mic,ray,dev]"
 echo "set-up done: .venv ready ($($VPY -c 'import torch; print("torch", torch.__version__)'))"

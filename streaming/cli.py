@@ -113,11 +113,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_serve(args) -> int:
     """Load the models and the avatar once, then serve until Ctrl-C."""
-    try:  # the optional live stack: a clear message instead of a traceback when it is missing
-        import aiohttp  # noqa: F401
-        import aiortc  # noqa: F401
-    except ImportError as e:
-        raise CLIError(f"`engine serve` needs aiohttp and aiortc ({e}); pip install aiohttp aiortc") from e
+    from engine.extras import require_extra
+
+    # 1. the optional live stack (and the microphone's), before a model is loaded: one line naming the extra
+    require_extra("serve")
+    if args.mic:
+        require_extra("mic", "--mic")
     from engine.models import load_model_set, prepare_avatar, resolve_device
     from streaming.server import ServerConfig, serve
     from streaming.session import CPU_LIVE, SessionOptions, min_queue_frames

@@ -121,16 +121,15 @@ def run_export_command(out, *extra: str):
     """`engine export --preset tiny --out OUT --chunk 4 EXTRA...` in-process: (exit code, stdout, stderr, seconds)."""
     import io
     import time
-    from functools import partial
 
-    from engine.models import export_model_set
+    from engine.models import ExportSource
     from export.cli import build_parser, run_export
 
     args = build_parser().parse_args(["export", "--preset", "tiny", "--out", str(out), "--chunk",
                                       str(EXPORT_CHUNK), *extra])
     stdout, stderr = io.StringIO(), io.StringIO()
     start = time.perf_counter()
-    rc = run_export(args, partial(export_model_set, args), out=stdout, err=stderr)
+    rc = run_export(args, ExportSource.from_args(args), out=stdout, err=stderr)
     return rc, stdout.getvalue(), stderr.getvalue(), time.perf_counter() - start
 
 

@@ -14,10 +14,14 @@ import numpy as np
 import torch
 
 from engine.backends.base import Backend, BackendUnavailable, IOSpec
+from engine.extras import install_hint
 from export.manifest import ONNX_NAME
 
 log = logging.getLogger(__name__)
 
+# the backend's one line when onnxruntime is absent (also said before a model is loaded: engine.models)
+ORT_MISSING = (f"--backend onnxruntime needs the ort extra (onnxruntime not installed): {install_hint('ort')}, "
+               f"or {install_hint('ort-gpu')} for the CUDA provider")
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 
@@ -25,15 +29,14 @@ def _providers(provider: Optional[str], device: torch.device):
     try:
         import onnxruntime as ort
     except ImportError:
-        raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu for "
-                                 "the CUDA provider)") from None
+        raise BackendUnavailable(ORT_MISSING) from None
     provider = provider or ("cuda" if device.type == "cuda" else "cpu")
     if provider == "cpu":
         return ort, "cpu", ["CPUExecutionProvider"]
     if provider == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BackendUnavailable("onnxruntime has no CUDAExecutionProvider here: pip install onnxruntime-gpu, "
-                                     "or use --device cpu")
+            raise BackendUnavailable(f"onnxruntime has no CUDAExecutionProvider here: {install_hint('ort-gpu')} "
+                                     "(instead of the ort extra), or use --device cpu")
         return ort, "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]
     raise ValueError(f"unknown onnxruntime provider {provider!r}; use cpu or cuda")
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from engine.batch.run import run_batch, sigterm_as_interrupt
+from engine.extras import install_hint, require_extra
 from engine.options import (CLIError, add_audio_bitrate_flag, add_backend_flags, add_model_flags, add_settings_flags,
                             setup_logging)
 from engine.settings import OFFLINE
@@ -42,6 +43,8 @@ def cmd_batch(args) -> int:
         raise CLIError("--gpus-per-job and --cpus-per-job must be >= 0, --ray-num-cpus and --threads >= 1")
     if args.gpus_per_job and not args.ray:
         log.warning("--gpus-per-job applies to Ray tasks only; without --ray jobs run here on --device")
+    if args.ray:
+        require_extra("ray", "--ray")  # before any job is planned
     with sigterm_as_interrupt():
         return run_batch(args)[0]
 
@@ -53,7 +56,7 @@ def _add_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, required=True, help="where <output>.mp4 and <output>.json go")
     p.add_argument("--force", action="store_true", help="render every job again, even complete ones")
     add_audio_bitrate_flag(p)
-    r = p.add_argument_group("Ray (optional extra: pip install 'ray>=2.9')")
+    r = p.add_argument_group(f"Ray (the ray extra: {install_hint('ray')})")
     r.add_argument("--ray", metavar="ADDRESS|auto",
                    help="fan jobs out as Ray tasks: 'auto' starts a local Ray instance on this machine; an address "
                         "(HOST:6379, ray://HOST:10001) joins an existing cluster. Inputs and --out-dir must be on "

@@ -12,6 +12,7 @@ import logging
 from typing import Any, Callable, Dict, Sequence, Tuple, TypeVar
 
 from engine.batch.job import JobPayload, run_job
+from engine.extras import install_hint
 from engine.options import CLIError
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def _ray_connect(address: str, num_cpus: int) -> bool:
     try:
         import ray
     except ImportError as e:
-        raise CLIError(f"--ray needs Ray, an optional extra: pip install 'ray>=2.9' ({e})") from e
+        raise CLIError(f"--ray needs the ray extra ({e}): {install_hint('ray')}") from e
     if ray.is_initialized():
         return False
     try:
@@ -47,9 +48,9 @@ def run_on_ray(jobs: Sequence[Tuple[Key, JobPayload]], done: Callable[[Key, Dict
     """Render ``jobs`` (key, payload) as Ray tasks with the --ray flags of ``args``; ``done(key, outcome)`` as each
     one ends (a task that died is an error outcome). Ctrl-C / SIGTERM cancels the tasks still pending. A worker's
     torch threads: --threads, else its CPU share (Ray sets OMP_NUM_THREADS alike)."""
+    started = _ray_connect(args.ray, args.ray_num_cpus)  # CLIError naming the ray extra when Ray is missing
     import ray
 
-    started = _ray_connect(args.ray, args.ray_num_cpus)
     try:
         # max_retries: a crashed worker (node lost, OOM kill) is retried; a Python error is reported, not retried
         task = ray.remote(_ray_task).options(num_cpus=args.cpus_per_job, num_gpus=args.gpus_per_job, max_retries=2,

@@ -193,7 +193,7 @@ def test_microphone_without_input_device_is_a_clear_error(monkeypatch):
         MicrophoneSource().start()
 
 
-def test_microphone_without_portaudio_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sounddevice", None)  # import fails as it does without the library
-    with pytest.raises(AudioDeviceError, match="sounddevice package and the PortAudio library"):
+def test_microphone_without_sounddevice_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # import fails as it does without the package
+    with pytest.raises(AudioDeviceError, match=r"needs the mic extra .*pip install 'mmgt-engine\[mic\]'"):
         list(MicrophoneSource(device=3))

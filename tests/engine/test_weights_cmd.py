@@ -535,7 +535,7 @@ def test_doctor_names_missing_pieces_and_fails_only_without_torch(monkeypatch, c
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     [aiortc] = [line for line in out.splitlines() if line.startswith("aiortc")]
-    assert "missing" in aiortc and "-> pip install aiortc" in aiortc
+    assert "missing" in aiortc and "-> pip install 'mmgt-engine[serve]'" in aiortc
     monkeypatch.setitem(sys.modules, "torch", None)
     assert main(["doctor"]) == 1
     out = capsys.readouterr().out.splitlines()

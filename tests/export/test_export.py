@@ -1,7 +1,9 @@
 """`engine export` on the tiny preset: every network to ONNX, checked, compared with torch, cached, validated."""
+import copy
 import dataclasses
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +212,107 @@ def test_export_leaves_the_shared_models_unchanged(tmp_path, tiny_models, contra
     weight = tiny_models.pose_guider.conv_in.weight.detach().clone()
     export_onnx(contracts["pose_guider"], tiny_models, tmp_path / "pg", precision="fp16")
     assert torch.equal(tiny_models.pose_guider.conv_in.weight, weight)  # same dtype, same values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Keys without building: the weights' identity, and models loaded only for what is built
+# ----------------------------------------------------------------------------------------------------------------
+class CountingSource:
+    """An ExportSource that counts the networks it is asked to load."""
+
+    def __init__(self, source):
+        self.source, self.cfg, self.loads = source, source.cfg, []
+
+    def weights_identity(self, contract=None):
+        return self.source.weights_identity(contract)
+
+    def load(self, networks):
+        self.loads.append(list(networks))
+        return self.source.load(networks)
+
+
+def _export_weights(weights: Path, out: Path, *extra: str):
+    """`engine export --weights W --preset tiny --out OUT --chunk 4 EXTRA` in-process: (rc, stdout, stderr, loads)."""
+    import io
+
+    from engine.models import ExportSource
+    from export.cli import build_parser, run_export
+
+    args = build_parser().parse_args(["export", "--weights", str(weights), "--preset", "tiny", "--out", str(out),
+                                      "--chunk", str(CHUNK), *extra])
+    source = CountingSource(ExportSource.from_args(args))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    rc = run_export(args, source, out=stdout, err=stderr)
+    return rc, stdout.getvalue(), stderr.getvalue(), source.loads
+
+
+def test_changed_weight_files_are_detected_without_building_the_rest(tmp_path, tiny_models):
+    """`--weights DIR`: the keys come from the release files' digests (recorded by size and mtime); a re-run loads
+    no model, a changed file that feeds a network rebuilds exactly that network, one that does not changes nothing,
+    and the engine's run-time weights check picks the artifact of the weights it holds."""
+    from engine.backends import use_backend
+    from export.manifest import DIGEST_CACHE
+    from mmgt.pipeline import load_models, save_models
+    from mmgt.weights import ReleaseLayout, save_stage2
+
+    weights, out = tmp_path / "W", tmp_path / "A"
+    layout = save_models(tiny_models, weights)
+    for f in (p for p in weights.rglob("*") if p.is_file()):  # as if fetched earlier: the digests get recorded
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns - 60 * 10**9))
+    only = ("--only", "audio_proj", "--skip-parity")
+    # 1. first run builds (the model set loaded once); the re-run loads nothing, even without the export index
+    rc, stdout, stderr, loads = _export_weights(weights, out, *only)
+    assert rc == 0 and "1 built" in stdout and loads == [["audio_proj"]], stderr
+    assert "MMGT_pretrained/stage_2/process_2/net-32500.pth" in json.loads((weights / DIGEST_CACHE).read_text())
+    rc, stdout, _, loads = _export_weights(weights, out, *only)
+    assert rc == 0 and "1 cached" in stdout and loads == []
+    (out / ".cache" / "export-index.json").unlink()
+    rc, stdout, _, loads = _export_weights(weights, out, *only)
+    assert rc == 0 and "1 cached" in stdout and loads == []
+    old = _artifact(out, "audio_proj")
+    # 2. the VAE's weights change: audio_proj does not read them, it stays cached
+    vae_file = next(p for p in layout.vae.iterdir() if p.suffix == ".safetensors")
+    vae_file.write_bytes(vae_file.read_bytes()[:-1] + bytes([vae_file.read_bytes()[-1] ^ 1]))
+    rc, stdout, _, loads = _export_weights(weights, out, *only)
+    assert rc == 0 and "1 cached" in stdout and loads == []
+    # 3. the audio projection's weights change (same file size): a new artifact, built from the new weights
+    changed = dict(tiny_models.stage2_modules())
+    changed["audioproj"] = copy.deepcopy(tiny_models.audioproj)
+    with torch.no_grad():
+        next(changed["audioproj"].parameters()).add_(0.5)
+    size = layout.net.stat().st_size
+    save_stage2(changed, layout.net)
+    assert layout.net.stat().st_size == size
+    rc, stdout, stderr, loads = _export_weights(weights, out, *only)
+    assert rc == 0 and "1 built" in stdout and loads == [["audio_proj"]], stderr
+    dirs = sorted(p for p in (out / "audio_proj").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(dirs) == 2 and old in dirs
+    new = next(d for d in dirs if d != old)
+    digests = [read_manifest(d)["info"]["weights_digests"]["float32"] for d in (old, new)]
+    assert digests[0] != digests[1]
+    # 4. the engine's check at run time: each model set gets the artifact exported from its own weights
+    shapes = Shapes.from_config(TINY, chunk=CHUNK)
+    for models, want in ((dataclasses.replace(tiny_models, shapes=shapes), old),
+                         (load_models(ReleaseLayout(weights).root, TINY, shapes=shapes), new)):
+        executor = use_backend(models, "onnxruntime", out, networks=["audio_proj"]).executors["audio_proj"]
+        assert executor.source == want
+
+
+def test_seeded_identity_and_random_modules_do_not_depend_on_the_networks_asked_for():
+    """--random-weights: each module comes from its own fixed seed, so one network's weights (and key) are the same
+    whichever networks an export asks for; the identity of seeded weights needs no build."""
+    from engine.models import ExportSource, random_networks, weight_parts
+    from export.manifest import weights_digest
+    from mmgt.weights import RELEASE_PARTS
+
+    contracts = network_contracts(TINY, Shapes.from_config(TINY))
+    assert set(weight_parts(contracts.values())) == set(RELEASE_PARTS)
+    alone = random_networks(TINY, ["pose_guider"])
+    more = random_networks(TINY, ["smga_denoise", "vae_decoder", "pose_guider"])
+    assert weights_digest({"p": alone.pose_guider}) == weights_digest({"p": more.pose_guider})
+    assert not hasattr(alone, "smga") and hasattr(more, "smga")
+    source = ExportSource(TINY, random_weights=True)
+    assert source.weights_identity(contracts["pose_guider"]) == source.weights_identity(None)
+    assert source.weights_identity(None) != ExportSource(TINY).weights_identity(None)  # another builder
+    assert ExportSource(dataclasses.replace(TINY, seed=1)).weights_identity(None) != \
+        ExportSource(TINY).weights_identity(None)

@@ -1,6 +1,7 @@
 """Cache keys, digests, manifests and atomic writes: what makes an artifact new, what makes it invalid."""
 import copy
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from export.cli import key_fields
-from export.manifest import (MANIFEST_NAME, ONNX_NAME, ArtifactError, atomic_directory, cache_key, config_hash,
-                             find_artifact, make_manifest, network_weights, validate_artifact, weights_digest,
-                             write_manifest)
+from export.manifest import (DIGEST_CACHE, MANIFEST_NAME, ONNX_NAME, ArtifactError, atomic_directory, cache_key,
+                             config_hash, files_digest, find_artifact, make_manifest, network_weights,
+                             validate_artifact, weights_digest, write_manifest)
 from mmgt.config import TINY
 from mmgt.contract import Shapes
 from mmgt.contracts import network_contracts
@@ -169,3 +170,77 @@ def test_manifest_module_imports_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.strip()) == 20
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The digest of weight files: recorded by size and mtime, a changed file hashed again
+# ----------------------------------------------------------------------------------------------------------------
+def _aged(path: Path, seconds: float = 60.0) -> Path:
+    """Set ``path``'s mtime into the past (a file written just now is not recorded: it may change again unseen)."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+    return path
+
+
+def _weights_dir(root: Path) -> Path:
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "weights.bin").write_bytes(b"\x01" * 4096)
+    (root / "model" / "config.json").write_text('{"width": 8}')
+    (root / "single.pt").write_bytes(b"\x02" * 100)
+    for p in (root / "model" / "weights.bin", root / "model" / "config.json", root / "single.pt"):
+        _aged(p)
+    return root
+
+
+def test_files_digest_detects_a_changed_file(tmp_path):
+    root = _weights_dir(tmp_path / "W")
+    paths = [root / "model", root / "single.pt"]
+    first = files_digest(root, paths)
+    assert files_digest(root, paths) == first  # stable
+    assert json.loads((root / DIGEST_CACHE).read_text()).keys() == {"model/config.json", "model/weights.bin",
+                                                                    "single.pt"}
+    # one byte changed, same size: the new mtime makes it hashed again
+    weights = root / "model" / "weights.bin"
+    weights.write_bytes(b"\x01" * 4095 + b"\x03")
+    changed = files_digest(root, paths)
+    assert changed != first
+    assert files_digest(root, [root / "single.pt"]) != changed  # the digest covers exactly the paths given
+    # a file added to a folder, a file gone
+    (root / "model" / "extra.json").write_text("{}")
+    assert files_digest(root, paths) != changed
+    (root / "single.pt").unlink()
+    assert files_digest(root, paths) not in (first, changed)
+
+
+def test_files_digest_reads_only_what_changed(tmp_path):
+    """An unchanged file (same size and mtime) is taken from the record, not read: a record edited by hand shows
+    through; touching the file makes it read again."""
+    root = _weights_dir(tmp_path / "W")
+    paths = [root / "model", root / "single.pt"]
+    true = files_digest(root, paths)
+    record = json.loads((root / DIGEST_CACHE).read_text())
+    record["single.pt"]["sha256"] = "0" * 64
+    (root / DIGEST_CACHE).write_text(json.dumps(record))
+    assert files_digest(root, paths) != true  # the record was used as it is
+    _aged(root / "single.pt", 30.0)  # another mtime: hashed again
+    assert files_digest(root, paths) == true
+
+
+def test_files_digest_ignores_hidden_entries_and_the_directory_name(tmp_path):
+    root = _weights_dir(tmp_path / "W")
+    digest = files_digest(root, [root / "model"])
+    (root / "model" / ".cache").mkdir()
+    (root / "model" / ".cache" / "partial.incomplete").write_bytes(b"x")
+    (root / "model" / ".weights.bin.tmp").write_bytes(b"y")
+    assert files_digest(root, [root / "model"]) == digest
+    moved = tmp_path / "elsewhere"
+    root.rename(moved)
+    assert files_digest(moved, [moved / "model"]) == digest
+
+
+def test_files_digest_does_not_record_a_file_written_just_now(tmp_path):
+    root = tmp_path / "W"
+    root.mkdir()
+    (root / "fresh.bin").write_bytes(b"new")
+    files_digest(root, [root / "fresh.bin"])
+    assert not (root / DIGEST_CACHE).exists()  # its mtime may not move if it is rewritten within the same tick

@@ -4,13 +4,12 @@ Builds fp16 plans of the Stage II networks with a timing cache, checks the cache
 render_chunk through the TensorRT executors against the eager torch networks.
 """
 import io
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
-from engine.models import export_model_set
+from engine.models import ExportSource
 from export.cli import build_parser, run_export
 from export.manifest import PLAN_NAME, validate_artifact
 
@@ -30,7 +29,7 @@ def trt_artifacts(tmp_path_factory):
                                       "--fp16", "--chunk", str(CHUNK), "--timing-cache", str(root / "timing.cache"),
                                       "--only", *STAGE2_NETWORKS])
     out, err = io.StringIO(), io.StringIO()
-    rc = run_export(args, partial(export_model_set, args), out=out, err=err)
+    rc = run_export(args, ExportSource.from_args(args), out=out, err=err)
     assert rc == 0, out.getvalue() + err.getvalue()
     return root, args
 
@@ -49,7 +48,7 @@ def test_plans_are_built_with_manifest_and_timing_cache(trt_artifacts):
         assert manifest["key_fields"]["tensorrt"]["compute_capability"] == f"{major}.{minor}"
         assert manifest["info"]["parity"]["provider"] == "tensorrt" and manifest["info"]["parity"]["passed"]
     out = io.StringIO()
-    assert run_export(args, partial(export_model_set, args), out=out, err=io.StringIO()) == 0
+    assert run_export(args, ExportSource.from_args(args), out=out, err=io.StringIO()) == 0
     assert f"{len(STAGE2_NETWORKS)} cached" in out.getvalue()
 
 
