@@ -205,9 +205,11 @@ def librosa_features(wav16k: Waveform, n_frames: int, sample_rate: int = AUDIO_S
     y = resample(wav, sample_rate, LIBROSA_SAMPLE_RATE)  # (n * 0.8,) at 16 kHz in
     sr, hop = LIBROSA_SAMPLE_RATE, LIBROSA_HOP
 
-    # 1. continuous features, EDGE's calls with librosa defaults (n_fft 2048, hop 512)
-    envelope = librosa.onset.onset_strength(y=y, sr=sr)  # (N,)
-    mfcc = librosa.feature.mfcc(y=y, sr=sr, n_mfcc=20).T  # (N, 20)
+    # 1. continuous features, EDGE's calls with librosa defaults (n_fft 2048, hop 512). onset_strength(y) and mfcc(y)
+    # each compute power_to_db(melspectrogram(y)) with the same defaults: computed once here, the values are identical
+    mel_db = librosa.power_to_db(librosa.feature.melspectrogram(y=y, sr=sr))  # (128, N)
+    envelope = librosa.onset.onset_strength(S=mel_db, sr=sr)  # (N,)
+    mfcc = librosa.feature.mfcc(S=mel_db, sr=sr, n_mfcc=20).T  # (N, 20)
     with warnings.catch_warnings():
         # chroma_cens' CQT works on octave-decimated copies; on short windows librosa warns that its
         # FFT exceeds them, which is expected and harmless here

@@ -108,6 +108,19 @@ def installed_memo_counting_librosa_calls():
     return memo, calls
 
 
+def test_onset_envelope_and_mfcc_are_edges_own_calls():
+    """The mel spectrogram is computed once and shared; the values are those of EDGE's two separate calls."""
+    import librosa
+
+    wav = (np.random.default_rng(3).standard_normal(80 * 640) * 0.1).astype(np.float32)
+    feats = A.librosa_features(wav, 80)
+    y = A.resample(wav, 16_000, A.LIBROSA_SAMPLE_RATE)
+    envelope = librosa.onset.onset_strength(y=y, sr=A.LIBROSA_SAMPLE_RATE)[:80]
+    mfcc = librosa.feature.mfcc(y=y, sr=A.LIBROSA_SAMPLE_RATE, n_mfcc=20).T[:80]
+    np.testing.assert_allclose(feats[:, 0], envelope, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(feats[:, 1:21], mfcc, rtol=1e-5, atol=1e-4)
+
+
 def test_cqt_basis_memo_is_bit_exact_and_skips_librosa_on_a_repeat(fresh_memo):
     waves = {"speech": speechlike(), "clicks": click_train()}
     with plain_librosa():
