@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -363,8 +363,51 @@ class StreamChunkPlanner:
         return tail
 
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Structural latency of a live layout
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StructuralLatency:
+    """Frames of audio that must have arrived beyond a frame before the engine can emit it (pure scheduling)."""
+
+    first: int  # for the stream's first frame
+    max: int  # the most any frame waits over a steady stream: the output clock's delay is set by this
+    min: int  # the least any frame waits
+
+    @property
+    def swing(self) -> int:
+        """How many more frames than the least-waiting one the worst frame waits (the burst a queue must hold)."""
+        return self.max - self.min
+
+
+def structural_latency(window: int, hop: int, crossfade: int, lookahead: Optional[int], chunk: int, overlap: int,
+                       frames: int = 400) -> StructuralLatency:
+    """The live layout's structural latency over the first ``frames`` frames of a stream.
+
+    A frame leaves with its render chunk, and the chunk waits for the pose window of its LAST frame, so frames early
+    in a chunk wait longer than the chunk's last frame does; ``lookahead`` None means a window reads all of W
+    (``window - hop`` frames past its hop)."""
+    la = lookahead if lookahead is not None else window - hop
+    windows = StreamPlanner(window, hop, crossfade, la)
+    chunks = StreamChunkPlanner(chunk, overlap)
+    spf = frame_to_sample(1)
+    ready: Dict[int, int] = {}  # frame -> audio frames in when its chunk can run
+    for audio_frames in range(1, frames + 1):
+        for w in windows.push(spf):
+            for c in chunks.push(w.keep_to - w.keep_from):
+                for f in range(c.start + c.new_from, c.start + c.new_to):
+                    ready[f] = audio_frames
+    waits = [ready[f] - f for f in sorted(ready)]
+    if not waits:
+        raise ValueError(f"hop {hop} / lookahead {lookahead} / chunk {chunk} / overlap {overlap} emit no frame "
+                         f"within {frames} frames of audio")
+    return StructuralLatency(first=waits[0], max=max(waits), min=min(waits))
+
+
 __all__ = [
     "FPS", "SAMPLE_RATE", "SMGA_WINDOW", "MAX_CHUNK_FRAMES",
     "frames_for_samples", "frame_to_sample", "complete_frames", "crossfade_weights",
     "Window", "plan_windows", "StreamPlanner", "RenderChunk", "plan_chunks", "StreamChunkPlanner",
+    "StructuralLatency", "structural_latency",
 ]

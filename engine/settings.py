@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from .scheduler import StructuralLatency, structural_latency
+
 
 @dataclass(frozen=True)
 class RenderSettings:
@@ -28,17 +30,27 @@ class RenderSettings:
         """A copy with the non-None ``changes`` applied (CLI flags left unset keep the preset's value)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    def structural(self) -> StructuralLatency:
+        """Frames of audio a live stream with these settings waits for beyond a frame before emitting it."""
+        return structural_latency(self.window, self.hop, self.crossfade, self.lookahead, self.chunk, self.overlap)
+
 
 OFFLINE = RenderSettings()
-# Live: a small hop so the first frame needs only hop + lookahead frames of audio; chunks as small as the hop.
-# Every hop runs a whole SMGA window, so live pose sampling uses 10 DDIM steps, not the reference's 50 (at the release
-# size 50 eager steps take ~1.4 s per window on an H100: more than three windows' worth of real time at hop 8).
-LIVE = RenderSettings(hop=8, crossfade=4, lookahead=4, chunk=12, overlap=4, smga_steps=10)
+# Live, latency first: a window every 8 frames reading 2 frames past its hop, render chunks of one hop. The first frame
+# waits for 10 frames (400 ms) of audio and no later frame waits longer (RenderSettings.structural()). Every hop runs a
+# whole SMGA window, so live pose sampling uses 10 DDIM steps, not the reference's 50 (at the release size 50 eager
+# steps take ~1.4 s per window on an H100: more than three windows' worth of real time at hop 8). Chunks take 4
+# frames over from the previous one (each new frame is denoised twice: `--schedule rolling` avoids that).
+LIVE = RenderSettings(hop=8, crossfade=4, lookahead=2, chunk=8, overlap=4, smga_steps=10)
 
-# Live on a CPU (the tiny preset on a few cores): one SMGA window per 40 frames (Stage I costs per window), the largest
-# render chunk (32 frames, 28 new), one denoising step, two pose steps. Flat out ~130 fps (5x real time, Runner.probe)
-# on two idle cores; first frame after ~1.8 s of audio, steady-state latency ~2.7 s of audio
-# (streaming.session.structural_latency).
-LIVE_CPU = LIVE.with_(hop=40, chunk=32, overlap=4, smga_steps=2, steps=1)
+# Live on a CPU (the tiny preset on two cores), latency first: the same 10-frame layout with one denoising step, two
+# pose steps and no chunk overlap (every frame is denoised once: the CPU has no time to spare). ~40 fps flat out on two
+# idle cores (Runner.probe).
+LIVE_CPU = LIVE.with_(chunk=8, overlap=0, smga_steps=2, steps=1)
 
-SETTINGS = {"offline": OFFLINE, "live": LIVE, "live-cpu": LIVE_CPU}
+# Live on a CPU, capacity first (the CPU default before the latency work; `benchmarks/bench_latency.py`'s baseline):
+# one SMGA window per 40 frames, the largest render chunk (32, 28 new). ~5x real time, but the first frame waits for
+# 44 frames of audio and the worst for 68 (2.7 s).
+LIVE_CPU_WIDE = LIVE.with_(hop=40, lookahead=4, chunk=32, overlap=4, smga_steps=2, steps=1)
+
+SETTINGS = {"offline": OFFLINE, "live": LIVE, "live-cpu": LIVE_CPU, "live-cpu-wide": LIVE_CPU_WIDE}

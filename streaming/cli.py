@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from engine.options import ASSETS, CLIError, add_model_flags, add_settings_flags, read_image, settings_from
-from engine.settings import LIVE
+from engine.settings import LIVE, LIVE_CPU
 
 log = logging.getLogger("engine.serve")
 
@@ -58,6 +58,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, e.g. 400, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 ms, got {text}")
+    return value
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `serve` command to the `engine` command line."""
     p = subparsers.add_parser(
@@ -69,8 +79,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                     "sessions (each with its own avatar: --image, --avatars, or uploaded on the page); the calls "
                     "that sessions make at the same time can run as one batched call (--batching). Scheduling "
                     "defaults: "
-                    "engine/settings.py LIVE on a GPU; on a CPU the cheaper engine/settings.py LIVE_CPU (hop 40, "
-                    "chunk 32, overlap 4, 1 step, 2 pose steps); the flags below override either.")
+                    "engine/settings.py LIVE on a GPU; on a CPU the cheaper engine/settings.py LIVE_CPU (hop 8, "
+                    "lookahead 2, chunk 8, no overlap, 1 step, 2 pose steps); both wait for 10 frames (400 ms) of "
+                    "audio at most. The flags below override either; --latency-target picks the layout by "
+                    "measurement.")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1",
                      help="HTTP bind address for the page and signalling (default 127.0.0.1: this machine only; "
@@ -103,6 +115,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     live.add_argument("--queue-frames", type=_positive,
                       help="per-session frame queue; a slow client drops the oldest frames beyond it (default: 100, "
                            "or what the chunk layout needs if more)")
+    live.add_argument("--latency-target", type=_positive_ms, metavar="MS",
+                      help="pick the live layout by measurement at start-up: the lowest structural latency (audio a "
+                           "frame waits for, in ms; 400 = 10 frames) within MS whose sessions (--max-sessions, or 1) "
+                           "render in real time here; the log prints the choice. Latency for one session, capacity "
+                           "for many: a smaller target admits fewer. Default: the preset's layout (10 frames)")
     live.add_argument("--start-margin", type=float, default=0.25,
                       help="playout delay after the first frame, absorbs render jitter (seconds, default 0.25)")
     add_model_flags(p)
@@ -121,10 +138,10 @@ def cmd_serve(args) -> int:
         require_extra("mic", "--mic")
     from engine.models import load_model_set, prepare_avatar, resolve_device
     from streaming.server import ServerConfig, serve
-    from streaming.session import CPU_LIVE, SessionOptions, min_queue_frames
+    from streaming.session import SessionOptions, min_queue_frames
 
     device = resolve_device(args.device)
-    settings = settings_from(args, LIVE if device.startswith("cuda") else CPU_LIVE)
+    settings = settings_from(args, LIVE if device.startswith("cuda") else LIVE_CPU)
     try:
         queue = args.queue_frames or max(100, min_queue_frames(settings))
         options = SessionOptions(settings=settings, queue_frames=queue, start_margin=args.start_margin)
@@ -147,7 +164,8 @@ def cmd_serve(args) -> int:
     config = ServerConfig(host=args.host, port=args.port, max_sessions=args.max_sessions, udp_ports=args.udp_ports,
                           media_addresses=tuple(args.media_address) if args.media_address else None,
                           idle_timeout=args.idle_timeout, mic=args.mic, mic_device=args.mic_device, session=options,
-                          batch={"auto": None, "on": True, "off": False}[args.batching])
+                          batch={"auto": None, "on": True, "off": False}[args.batching],
+                          latency_target_ms=args.latency_target)
     where = f"http://{'localhost' if args.host in ('127.0.0.1', 'localhost') else args.host}:{args.port}/"
     limit = args.max_sessions or "the measured number of"
     print(f"engine serve: {where} (preset {models.cfg.name}, {len(avatars.list())} avatar(s), up to {limit} "

@@ -69,6 +69,8 @@ class ServerConfig:
     # better (measured: 3 tiny sessions render ~100 fps together unbatched, ~80 batched on two cores)
     max_batch: int = 8  # rows of one batched call
     avatar_cache: int = 8  # prepared avatars kept (CLIP context, bank, initial pose)
+    latency_target_ms: Optional[float] = None  # set: serve() picks the lowest-latency live layout within this many
+    # ms of structural latency that max_sessions (or 1) sessions render in real time here (engine/tuning.py)
 
 
 class BadRequest(Exception):
@@ -218,6 +220,28 @@ class AvatarServer:
         from engine.runner import Runner
 
         return Runner(self.models, self.avatar, self.config.session.settings).probe(seconds)
+
+    def choose_settings(self, target_ms: float, sessions: int):
+        """Measure live layouts within ``target_ms`` (engine.tuning.choose_live_settings) for ``sessions`` sessions at
+        once; the chosen one (an engine.tuning.Choice) becomes the settings of every later session (its queue grown
+        when it needs more)."""
+        import dataclasses
+
+        from engine.runner import probe_sessions
+        from engine.tuning import choose_live_settings
+
+        from .session import min_queue_frames
+
+        base = self.config.session.settings
+        fixed = self.models.shapes.chunk if self.models.executors else None  # batched/exported: one chunk length
+        choice = choose_live_settings(lambda s, n: probe_sessions(self.models, self.avatar, s, n), base,
+                                      target_ms=target_ms, sessions=sessions, fixed_chunk=fixed)
+        options = dataclasses.replace(self.config.session, settings=choice.settings,
+                                      queue_frames=max(self.config.session.queue_frames,
+                                                       min_queue_frames(choice.settings)))
+        self.layout = options.layout()
+        self.config = dataclasses.replace(self.config, session=options)
+        return choice
 
     def measure_capacity(self, limit: int = 16, margin: float = 1.2, seconds: float = 2.0) -> int:
         """The most sessions this machine renders in real time with a margin, measured as sessions will run: 1, 2,
@@ -567,6 +591,14 @@ def serve(models, avatars, config: ServerConfig) -> None:
     if config.mic:
         server.start_mic()
     log.info("warm-up render took %.1f s", server.warmup())
+    if config.latency_target_ms is not None:  # latency first: the layout for the sessions it must hold
+        choice = server.choose_settings(config.latency_target_ms, config.max_sessions or 1)
+        config = server.config
+        log.log(logging.INFO if choice.met_target else logging.WARNING,
+                "live settings for --latency-target %g ms and %d session(s): %s%s", config.latency_target_ms,
+                config.max_sessions or 1, choice.describe(),
+                "" if choice.met_target else " (no layout within the target renders in real time here: the lowest "
+                "latency that does)")
     if config.max_sessions is None:
         n = server.measure_capacity()
         server.config = config = dataclasses.replace(config, max_sessions=n)

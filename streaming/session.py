@@ -23,8 +23,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from engine.runner import RenderCancelled, Runner
-from engine.scheduler import StreamChunkPlanner, StreamPlanner
-from engine.settings import LIVE, LIVE_CPU, RenderSettings
+from engine.settings import LIVE, RenderSettings
 from engine.sources import LiveSource
 from engine.types import FPS, SAMPLE_RATE
 
@@ -41,7 +40,7 @@ class SessionOptions:
     settings: RenderSettings = LIVE  # engine scheduling/sampling (small hop: low latency)
     queue_frames: int = 100  # QueueSink size (4 s of frames); a slow client drops the oldest beyond this
     start_margin: float = 0.25  # playout delay after the first frame, absorbs render jitter (seconds), on top of
-    # what the chunk layout needs (later frames may wait for more audio than the first: structural_latency)
+    # what the chunk layout needs (later frames may wait for more audio than the first: RenderSettings.structural)
     jitter: float = 0.06  # input audio may arrive this late before silence is filled in (seconds)
     max_engine_lag: float = 5.0  # engine this far behind its input: drop input instead of queueing (seconds)
     record_seconds: float = 30.0  # engine audio kept for the audio track (a ring)
@@ -54,8 +53,8 @@ class SessionOptions:
         Frames arrive in bursts (pose windows, render chunks): in steady state up to ``swing`` frames are ready
         beyond the one playing, so the queue must hold a burst plus a render chunk."""
         s = self.settings
-        first, worst, best = structural_latency(s)
-        swing = worst - best
+        st = s.structural()
+        first, worst, best, swing = st.first, st.max, st.min, st.swing
         need = min_queue_frames(s)
         if self.queue_frames < need:
             raise ValueError(f"queue_frames={self.queue_frames} is too small for hop {s.hop} / chunk {s.chunk} / "
@@ -67,35 +66,9 @@ class SessionOptions:
         return {"first_frames": first, "max_frames": worst, "min_frames": best, "swing": swing}
 
 
-def structural_latency(settings: RenderSettings, frames: int = 400) -> Tuple[int, int, int]:
-    """(first, max, min) frames of audio that must have arrived beyond a frame before the engine can emit it, for
-    the first frame and over a steady stream (pure scheduling: the windows and render chunks of ``settings``).
-
-    A frame leaves with its render chunk, and the chunk waits for the pose window of its LAST frame, so frames early
-    in a chunk wait longer than the first frame did; the output clock adds ``(max - first)`` frames to its start so
-    that steady-state frames are not late by construction."""
-    lookahead = settings.lookahead if settings.lookahead is not None else settings.window - settings.hop
-    windows = StreamPlanner(settings.window, settings.hop, settings.crossfade, lookahead)
-    chunks = StreamChunkPlanner(settings.chunk, settings.overlap)
-    ready: Dict[int, int] = {}  # frame -> audio frames in when its chunk can run
-    for audio_frames in range(1, frames + 1):
-        for w in windows.push(SAMPLES_PER_FRAME):
-            for c in chunks.push(w.keep_to - w.keep_from):
-                for f in range(c.start + c.new_from, c.start + c.new_to):
-                    ready[f] = audio_frames
-    waits = [ready[f] - f for f in sorted(ready)]
-    if not waits:
-        raise ValueError(f"settings {settings} emit no frame within {frames} frames of audio")
-    return waits[0], max(waits), min(waits)
-
-
 def min_queue_frames(settings: RenderSettings) -> int:
     """The smallest frame queue that holds a steady-state burst of ``settings`` plus a render chunk and a margin."""
-    _, worst, best = structural_latency(settings)
-    return (worst - best) + (settings.chunk - settings.overlap) + 16
-
-
-CPU_LIVE = LIVE_CPU  # the CPU live preset lives beside the others in engine/settings.py
+    return settings.structural().swing + (settings.chunk - settings.overlap) + 16
 
 
 @dataclass
@@ -317,5 +290,4 @@ class Session:
         }
 
 
-__all__ = ["Session", "SessionOptions", "InputStats", "CPU_LIVE", "structural_latency",
-           "min_queue_frames"]
+__all__ = ["Session", "SessionOptions", "InputStats", "min_queue_frames"]

@@ -166,3 +166,28 @@ def test_capacity_is_the_most_sessions_that_stay_real_time(warm_models, monkeypa
         assert asked == [1, 2, 4, 3]
     finally:
         server.close()
+
+
+def test_latency_target_sets_the_layout_of_later_sessions(tiny_models, tiny_avatar, monkeypatch):
+    """serve --latency-target: the server measures layouts for its sessions and every later session runs the choice
+    (a fake machine here: the search itself is tested in tests/engine/test_tuning.py)."""
+    import engine.runner
+    from engine.settings import LIVE_CPU
+    from engine.tuning import cost_per_frame
+    from streaming.server import AvatarServer, ServerConfig
+    from streaming.session import SessionOptions, min_queue_frames
+
+    probed = []
+
+    def fake(models, avatar, settings, sessions, seconds=2.0):
+        probed.append((settings, sessions))
+        return [80.0 / cost_per_frame(settings) / sessions] * sessions
+
+    monkeypatch.setattr(engine.runner, "probe_sessions", fake)
+    server = AvatarServer(tiny_models, tiny_avatar, ServerConfig(session=SessionOptions(settings=LIVE_CPU)))
+    choice = server.choose_settings(400, sessions=1)
+    assert choice.met_target and probed and all(n == 1 for _, n in probed)
+    s = server.config.session.settings
+    assert s == choice.settings and s.structural().max * 40 <= 400 and 80.0 / cost_per_frame(s) >= 30
+    assert server.config.session.queue_frames >= min_queue_frames(s)
+    assert server.layout["max_frames"] == s.structural().max

@@ -8,7 +8,7 @@ import pytest
 
 from engine.settings import LIVE
 from streaming.server import BadRequest, check_offer, parse_port_range, restrict_udp_ports
-from streaming.session import SessionOptions, structural_latency
+from streaming.session import SessionOptions
 from streaming.tracks import AudioRecord, MediaClock, read_stamp, stamp_frame
 
 VIDEO_SDP = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\n" \
@@ -110,20 +110,10 @@ def test_stamp_round_trips_through_vp8():
 # ----------------------------------------------------------------------------------------------------------------
 # session layout
 # ----------------------------------------------------------------------------------------------------------------
-def test_structural_latency_of_live_layouts():
-    # LIVE: hop 8 + lookahead 4; chunks of 12 (8 new) line up with the hop: the first frame waits for 20 frames
-    # of audio, no later frame waits longer
-    assert structural_latency(LIVE) == (20, 20, 9)
-    # hop 40 with chunks of 32: the first chunk needs window 0 only (44 frames), the second needs window 1 for its
-    # last frame (frame 59 -> audio to 84), so frame 28 waits 56 frames; the worst is 68
-    first, worst, best = structural_latency(LIVE.with_(hop=40, chunk=32, overlap=4))
-    assert (first, worst, best) == (44, 68, 5)
-
-
 def test_session_options_reject_a_queue_smaller_than_a_burst():
     with pytest.raises(ValueError, match="queue_frames=40 is too small"):
         SessionOptions(settings=LIVE.with_(hop=40, chunk=32, overlap=4), queue_frames=40).layout()
-    assert SessionOptions(settings=LIVE).layout()["swing"] == 11
+    assert SessionOptions(settings=LIVE).layout()["swing"] == LIVE.structural().swing == 7
 
 
 # ----------------------------------------------------------------------------------------------------------------
