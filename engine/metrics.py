@@ -205,11 +205,14 @@ class RunMetrics:
                 self._window_ready.pop(old, None)
                 self._window_done.pop(old, None)
 
+    def entries(self) -> List[LatencyEntry]:
+        """The latency entries so far (thread-safe copy, while the run goes on)."""
+        with self._lock:
+            return list(self.report.latency)
+
     def budget(self, last: int = 200) -> Dict[str, Dict[str, float]]:
         """The latency budget (p50 / p95 per stage, ms) over the newest ``last`` chunks, while the run goes on."""
-        with self._lock:
-            entries = list(self.report.latency[-last:])
-        return budget_percentiles(entries)
+        return budget_percentiles(self.entries()[-last:])
 
     @contextlib.contextmanager
     def gpu_span(self, stage: str) -> Iterator[None]:

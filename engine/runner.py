@@ -39,7 +39,7 @@ from mmgt import keypoints as K
 from mmgt import pipeline as P
 from mmgt.config import AUDIO_SAMPLE_RATE, FPS
 
-from .metrics import CallLog, RunMetrics, RunReport, StageEvent, steady_fps
+from .metrics import CallLog, LatencyEntry, RunMetrics, RunReport, StageEvent, steady_fps
 from .models import for_settings
 from .scheduler import (RenderChunk, StreamChunkPlanner, StreamPlanner, Window, crossfade_weights, frames_for_samples,
                         plan_windows)
@@ -246,6 +246,11 @@ class Runner:
                            note="" if cfg.trained else P.UNTRAINED_NOTE)
         self._metrics_now = RunMetrics(report, t0, torch.device(self.models.device).type == "cuda", hop=s.hop)
         return self._metrics_now
+
+    def latency_entries(self) -> List[LatencyEntry]:
+        """The running (or last) run's per-chunk latency entries so far (the newest, oldest first)."""
+        m = self._metrics_now
+        return m.entries() if m is not None else []
 
     def latency_budget(self) -> Dict[str, Dict[str, float]]:
         """The running (or last) run's latency budget so far: {"p50": {stage: ms, ...}, "p95": {...}}."""

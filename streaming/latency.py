@@ -23,7 +23,7 @@ class OutputLatency:
         self._lock = threading.Lock()
         self._arrivals: Deque[Tuple[int, float]] = deque(maxlen=8192)  # (engine samples in so far, time) rising
         self._queued: Deque[Tuple[int, int, float]] = deque(maxlen=512)  # (first frame, frames, time queued)
-        self.frames: Deque[Tuple[int, float, float]] = deque(maxlen=keep)  # (frame, latency s, playout s)
+        self.frames: Deque[Tuple[int, float, float, float]] = deque(maxlen=keep)  # (frame, latency, playout, sent)
 
     def audio_in(self, samples: int, when: float) -> None:
         """``samples`` of engine audio (all since the start) had arrived at ``when``."""
@@ -54,9 +54,10 @@ class OutputLatency:
         with self._lock:
             queued = self._queued_at(frame)
             if arrived is not None and queued is not None:
-                self.frames.append((frame, when - arrived, when - queued))
+                self.frames.append((frame, when - arrived, when - queued, when))
 
-    def records(self) -> List[Tuple[int, float, float]]:
+    def records(self) -> List[Tuple[int, float, float, float]]:
+        """(engine frame, latency s, playout s, time sent) of the newest fresh frames sent, oldest first."""
         with self._lock:
             return list(self.frames)
 
