@@ -8,6 +8,7 @@ constant-Q filter basis that keeps chroma_cens from rebuilding it on every call.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import threading
 import warnings
@@ -189,6 +190,25 @@ def _set_vqt_basis_memo(enabled: bool) -> None:
 # Stage I: librosa features (EDGE's extract_baseline_features at 25 fps)
 # ----------------------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)
+def _mel_basis(sr: int, n_fft: int) -> np.ndarray:
+    """librosa's mel filter bank with its defaults (128 mels, Slaney), built once per rate (read-only: shared)."""
+    import librosa
+
+    basis = librosa.filters.mel(sr=sr, n_fft=n_fft)  # (128, 1 + n_fft // 2)
+    basis.setflags(write=False)
+    return basis
+
+
+def _mel_db(y: np.ndarray, sr: int, n_fft: int = 2048, hop: int = LIBROSA_HOP) -> np.ndarray:
+    """``power_to_db(librosa.feature.melspectrogram(y=y, sr=sr))`` with its defaults, the filter bank built once:
+    the same values (the power spectrogram and the product are librosa's own), without rebuilding the bank."""
+    import librosa
+
+    power = np.abs(librosa.stft(y, n_fft=n_fft, hop_length=hop)) ** 2  # (1 + n_fft // 2, N)
+    return librosa.power_to_db(_mel_basis(sr, n_fft) @ power)  # (128, N)
+
+
 def librosa_features(wav16k: Waveform, n_frames: int, sample_rate: int = AUDIO_SAMPLE_RATE) -> np.ndarray:
     """35 hand-made features per 25 fps frame -> (n_frames, 35) float32.
 
@@ -207,7 +227,7 @@ def librosa_features(wav16k: Waveform, n_frames: int, sample_rate: int = AUDIO_S
 
     # 1. continuous features, EDGE's calls with librosa defaults (n_fft 2048, hop 512). onset_strength(y) and mfcc(y)
     # each compute power_to_db(melspectrogram(y)) with the same defaults: computed once here, the values are identical
-    mel_db = librosa.power_to_db(librosa.feature.melspectrogram(y=y, sr=sr))  # (128, N)
+    mel_db = _mel_db(y, sr)  # (128, N)
     envelope = librosa.onset.onset_strength(S=mel_db, sr=sr)  # (N,)
     mfcc = librosa.feature.mfcc(S=mel_db, sr=sr, n_mfcc=20).T  # (N, 20)
     with warnings.catch_warnings():
@@ -223,7 +243,8 @@ def librosa_features(wav16k: Waveform, n_frames: int, sample_rate: int = AUDIO_S
 
     # 3. beats as a one-hot column; the tracker starts from a tempo estimated on 22.05 kHz audio
     y22 = resample(wav, sample_rate, TEMPO_SAMPLE_RATE)
-    start_bpm = float(np.atleast_1d(librosa.feature.tempo(y=y22, sr=TEMPO_SAMPLE_RATE))[0])
+    envelope22 = librosa.onset.onset_strength(S=_mel_db(y22, TEMPO_SAMPLE_RATE), sr=TEMPO_SAMPLE_RATE)  # = tempo(y=)'s
+    start_bpm = float(np.atleast_1d(librosa.feature.tempo(onset_envelope=envelope22, sr=TEMPO_SAMPLE_RATE))[0])
     _, beat_idxs = librosa.beat.beat_track(onset_envelope=envelope, sr=sr, hop_length=hop,
                                            start_bpm=start_bpm, tightness=100)
     beat_onehot = np.zeros_like(envelope, dtype=np.float32)

@@ -119,6 +119,11 @@ def test_onset_envelope_and_mfcc_are_edges_own_calls():
     mfcc = librosa.feature.mfcc(y=y, sr=A.LIBROSA_SAMPLE_RATE, n_mfcc=20).T[:80]
     np.testing.assert_allclose(feats[:, 0], envelope, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(feats[:, 1:21], mfcc, rtol=1e-5, atol=1e-4)
+    # the starting tempo of the beat tracker: tempo(y=) at 22.05 kHz, from the same mel spectrogram
+    y22 = A.resample(wav, 16_000, A.TEMPO_SAMPLE_RATE)
+    env22 = librosa.onset.onset_strength(S=A._mel_db(y22, A.TEMPO_SAMPLE_RATE), sr=A.TEMPO_SAMPLE_RATE)
+    assert librosa.feature.tempo(onset_envelope=env22, sr=A.TEMPO_SAMPLE_RATE)[0] == \
+        librosa.feature.tempo(y=y22, sr=A.TEMPO_SAMPLE_RATE)[0]
 
 
 def test_cqt_basis_memo_is_bit_exact_and_skips_librosa_on_a_repeat(fresh_memo):
