@@ -32,6 +32,8 @@ from .tracks import SAMPLES_PER_FRAME, AudioRecord, MediaClock, TimedQueueSink, 
 
 log = logging.getLogger(__name__)
 
+QUIET_RMS = 0.003  # a frame's audio below this RMS (about -50 dBFS) is a pause the clock may shorten
+
 
 @dataclass(frozen=True)
 class SessionOptions:
@@ -46,6 +48,8 @@ class SessionOptions:
     record_seconds: float = 30.0  # engine audio kept for the audio track (a ring)
     tick: float = 0.02  # feeder period (seconds)
     stamp_frames: bool = False  # write the engine frame index into each picture (diagnostics, tests)
+    catch_up_in_pauses: bool = True  # after the engine ran late (held frames), leave silent frames out until the
+    # delay is back to the usual: the latency a stall added drains in the next pause, speech is never cut
 
     def layout(self) -> Dict[str, int]:
         """The output clock's numbers for these settings; ValueError when the queue cannot hold a burst of frames.
@@ -109,10 +113,14 @@ class Session:
         # frames wait than the queue can hold (the engine ran ahead, e.g. after a stall)
         self.structural = options.layout()
         max_lead = options.queue_frames - 8
+        margin = options.start_margin + (self.structural["max_frames"] - self.structural["first_frames"]) / FPS
+        s = options.settings
         self.clock = MediaClock(
-            lambda: self.sink.put_frames,
-            start_margin=options.start_margin + (self.structural["max_frames"] - self.structural["first_frames"]) / FPS,
-            max_lead_frames=max_lead, target_lead_frames=max(self.structural["swing"] + 4, max_lead // 2))
+            lambda: self.sink.put_frames, start_margin=margin,
+            max_lead_frames=max_lead, target_lead_frames=max(self.structural["swing"] + 4, max_lead // 2),
+            # the usual lead: the start margin plus a burst of frames (a chunk's new frames arrive together)
+            quiet=self._quiet if options.catch_up_in_pauses else None,
+            quiet_lead_frames=int(round(margin * FPS)) + (s.chunk - s.overlap) + 2)
         size = (models.cfg.resolution, models.cfg.resolution)
         self.video, self.audio = make_tracks(self.clock, self.sink, self.record, size, stamp=options.stamp_frames,
                                              on_sent=self.latency.sent)
@@ -124,6 +132,11 @@ class Session:
         self._threads: Dict[str, threading.Thread] = {}
 
     # ------------------------------------------------------------------------------------------------------------
+    def _quiet(self, frame: int) -> bool:
+        """Engine frame ``frame``'s audio is silence (the clock may leave such a frame out to catch up)."""
+        audio = self.record.read(frame * SAMPLES_PER_FRAME, (frame + 1) * SAMPLES_PER_FRAME)
+        return float(np.sqrt(np.mean(np.square(audio)))) < QUIET_RMS
+
     def start(self) -> None:
         """Start the feeder and the engine (frames flow to the sink; the tracks start the clock on the first)."""
         if self._threads:
@@ -280,6 +293,7 @@ class Session:
             "frames_stale": vs.stale,
             "holds": self.clock.holds,
             "skipped": self.clock.skipped,
+            "skipped_in_pauses": self.clock.quiet_skipped,
             "late_slots": vs.late_slots + aus.late_slots,
             "av_offset_ms": None if av is None else round(av, 2),
             "audio_packets_sent": aus.sent,

@@ -90,7 +90,8 @@ class MediaClock:
     """
 
     def __init__(self, produced, start_margin: float = 0.2, max_lead_frames: int = 40, target_lead_frames: int = 20,
-                 history: int = 250) -> None:
+                 history: int = 250, quiet: Optional[Callable[[int], bool]] = None,
+                 quiet_lead_frames: Optional[int] = None) -> None:
         if max_lead_frames <= target_lead_frames:
             raise ValueError(f"MediaClock: max_lead_frames ({max_lead_frames}) must exceed target_lead_frames "
                              f"({target_lead_frames})")
@@ -102,6 +103,12 @@ class MediaClock:
         self.shift = 0  # slot - engine frame for the slots being resolved now (grows on holds, shrinks on skips)
         self.holds = 0  # slots with no engine frame in time (video repeated, audio silent)
         self.skipped = 0  # engine frames jumped over to bring the latency back down
+        # Catching up in pauses: a hold delays every later frame by one slot for good. While more than
+        # ``quiet_lead_frames`` frames wait beyond the one due and ``quiet(frame)`` says its audio (and the next
+        # frame's) is silence, that frame is left out: the delay the holds added drains in the pauses between
+        # sentences, never by cutting speech. None: the clock only jumps at max_lead_frames.
+        self.quiet, self.quiet_lead_frames = quiet, quiet_lead_frames
+        self.quiet_skipped = 0  # silent frames left out to take the latency back down
         self._next = 0  # next slot to resolve
         self._map: Dict[int, Optional[int]] = {}
         self._history = history
@@ -145,6 +152,12 @@ class MediaClock:
                         self.skipped += jump
                         e += jump
                         log.info("MediaClock: %d frames ahead, skipping %d to bound the latency", lead, jump)
+                    elif (self.quiet is not None and self.quiet_lead_frames is not None
+                          and lead > self.quiet_lead_frames and self.quiet(e) and self.quiet(e + 1)):
+                        self.shift -= 1  # 3. behind its usual delay, in a pause: leave one silent frame out
+                        self.skipped += 1
+                        self.quiet_skipped += 1
+                        e += 1
                     self._map[s] = e
                 self._map.pop(s - self._history, None)
                 self._next += 1

@@ -41,6 +41,33 @@ def test_clock_skips_ahead_when_too_many_frames_wait():
     assert clock.resolve(1) == 46  # then frame by frame again
 
 
+def test_clock_drains_the_delay_of_holds_in_pauses_only():
+    produced = [0]
+    speech = set(range(0, 10)) | set(range(30, 40))  # frames with speech under them; the rest is silence
+    clock = MediaClock(lambda: produced[0], start_margin=0.0, max_lead_frames=200, target_lead_frames=100,
+                       quiet=lambda e: e not in speech, quiet_lead_frames=3)
+    assert [clock.resolve(k) for k in range(4)] == [None] * 4  # the engine is late: 4 holds, 4 slots of delay
+    produced[0] = 100  # then it catches up: 99 frames ready, under max_lead_frames but over the quiet lead
+    shown = [clock.resolve(k) for k in range(4, 44)]
+    assert shown[:10] == list(range(10))  # speech plays whole, frame by frame, late by the holds
+    # in the pause after it, one silent frame in two is left out until the delay is back under the quiet lead ...
+    assert clock.quiet_skipped > 0 and clock.skipped == clock.quiet_skipped
+    # ... and the next speech plays whole again, every frame once and in order
+    after = [e for e in shown if e is not None and e >= 30]
+    assert after[:10] == list(range(30, 40))
+    assert all(b > a for a, b in zip(shown[:-1], shown[1:]))
+
+
+def test_clock_leaves_speech_alone_even_far_behind():
+    produced = [0]
+    clock = MediaClock(lambda: produced[0], start_margin=0.0, max_lead_frames=60, target_lead_frames=30,
+                       quiet=lambda e: False, quiet_lead_frames=3)
+    assert clock.resolve(0) is None and clock.resolve(1) is None
+    produced[0] = 50
+    assert [clock.resolve(k) for k in range(2, 12)] == list(range(10))  # nothing silent: nothing left out
+    assert clock.quiet_skipped == 0 and clock.shift == 2
+
+
 def test_clock_start_and_slot_times():
     clock = MediaClock(lambda: 0, start_margin=0.5)
     assert not clock.started.is_set()
