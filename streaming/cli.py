@@ -118,12 +118,12 @@ def cmd_serve(args) -> int:
         import aiortc  # noqa: F401
     except ImportError as e:
         raise CLIError(f"`engine serve` needs aiohttp and aiortc ({e}); pip install aiohttp aiortc") from e
-    from engine.models import load_model_set, prepare_avatar, resolve_device
+    from engine.models import load_model_set, prepare_avatar, resolve_device, with_preset_steps
     from streaming.server import ServerConfig, serve
     from streaming.session import CPU_LIVE, SessionOptions, min_queue_frames
 
     device = resolve_device(args.device)
-    settings = settings_from(args, LIVE if device.startswith("cuda") else CPU_LIVE)
+    settings = with_preset_steps(settings_from(args, LIVE if device.startswith("cuda") else CPU_LIVE), args)
     try:
         queue = args.queue_frames or max(100, min_queue_frames(settings))
         options = SessionOptions(settings=settings, queue_frames=queue, start_margin=args.start_margin)

@@ -23,7 +23,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from engine.runner import RenderCancelled, Runner
-from engine.scheduler import StreamChunkPlanner, StreamPlanner
+from engine.rolling_plan import stage2_planner
+from engine.scheduler import StreamPlanner
 from engine.settings import LIVE, LIVE_CPU, RenderSettings
 from engine.sources import LiveSource
 from engine.types import FPS, SAMPLE_RATE
@@ -75,12 +76,13 @@ def structural_latency(settings: RenderSettings, frames: int = 400) -> Tuple[int
     that steady-state frames are not late by construction."""
     lookahead = settings.lookahead if settings.lookahead is not None else settings.window - settings.hop
     windows = StreamPlanner(settings.window, settings.hop, settings.crossfade, lookahead)
-    chunks = StreamChunkPlanner(settings.chunk, settings.overlap)
+    # render chunks, or rolling calls (their layout needs the steps: the settings must name them)
+    chunks = stage2_planner(settings.schedule, settings.chunk, settings.overlap, settings.steps)
     ready: Dict[int, int] = {}  # frame -> audio frames in when its chunk can run
     for audio_frames in range(1, frames + 1):
         for w in windows.push(SAMPLES_PER_FRAME):
             for c in chunks.push(w.keep_to - w.keep_from):
-                for f in range(c.start + c.new_from, c.start + c.new_to):
+                for f in range(*c.emit_range):
                     ready[f] = audio_frames
     waits = [ready[f] - f for f in sorted(ready)]
     if not waits:
