@@ -186,7 +186,8 @@ class RunMetrics:
         if stage == "stage1":
             self._window_done[index] = end
         elif stage == "stage2":
-            last = out.first_frame + max(out.emit_to, 1) - 1  # the chunk's last real frame
+            newest = getattr(out, "newest_frame", None)  # a rolling call emits older frames than it reads
+            last = newest if newest is not None else out.first_frame + max(out.emit_to, 1) - 1  # last real frame
             self._chunks[index] = {"frame": out.first_frame + out.emit_from, "last": last, "stage2": end}
         elif stage == "decode" and index in self._chunks:
             self._chunks[index]["decode"] = end

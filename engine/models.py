@@ -117,6 +117,17 @@ def load_model_set(options: Union[ModelOptions, Any], settings: RenderSettings):
     return models
 
 
+def with_preset_steps(settings: RenderSettings, options: Union[ModelOptions, Any]) -> RenderSettings:
+    """``settings`` with the preset's Stage II steps filled in when the rolling schedule leaves them to the preset:
+    its call layout (steps groups of chunk / steps frames) must be known before the models are loaded."""
+    if settings.schedule != "rolling" or settings.steps is not None:
+        return settings
+    from mmgt.config import get_preset
+
+    opts = options if isinstance(options, ModelOptions) else ModelOptions.from_args(options)
+    return settings.with_(steps=get_preset(opts.preset_name).sampler.steps)
+
+
 def for_settings(models, settings: RenderSettings):
     """``models`` with calls for the shapes ``settings`` need (chunk, both CFG layouts, window).
 
@@ -287,5 +298,5 @@ def random_networks(cfg, networks: Sequence[str]):
     return SimpleNamespace(cfg=cfg, frame_decoder=attrs.get("vae"), **attrs)
 
 
-__all__ = ["for_settings", "ModelOptions", "resolve_device", "load_model_set", "accelerate_models", "prepare_avatar", "ExportSource",
-           "weight_parts", "random_seeds", "random_networks"]
+__all__ = ["for_settings", "with_preset_steps", "ModelOptions", "resolve_device", "load_model_set",
+           "accelerate_models", "prepare_avatar", "ExportSource", "weight_parts", "random_seeds", "random_networks"]

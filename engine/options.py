@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from engine.settings import OFFLINE, RenderSettings
+from engine.settings import OFFLINE, SCHEDULES, RenderSettings
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # the bundled portrait and speech (engine demo, engine serve)
 BITRATE_RANGE = (8_000, 1_536_000)  # accepted --audio-bitrate values, bits/s
@@ -63,7 +63,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_settings_flags(p: argparse.ArgumentParser, base: RenderSettings) -> None:
-    """--steps, --guidance, --smga-steps, --smga-guidance, --seed, --window, --hop, --crossfade, --chunk, --overlap;
+    """--steps, --guidance, --smga-steps, --smga-guidance, --seed, --window, --hop, --crossfade, --chunk, --overlap,
+    --schedule;
     the help names ``base``'s defaults (OFFLINE for render and batch, LIVE for serve)."""
     g = p.add_argument_group("scheduling and sampling (defaults from engine/settings.py)")
     g.add_argument("--steps", type=int, help="Stage II denoising steps (default: the preset's; reference quality 30)")
@@ -78,6 +79,11 @@ def add_settings_flags(p: argparse.ArgumentParser, base: RenderSettings) -> None
     g.add_argument("--chunk", type=int, help=f"Stage II frames per render chunk, <= 32 (default {base.chunk})")
     g.add_argument("--overlap", type=int,
                    help=f"frames a chunk takes over from the previous one (default {base.overlap})")
+    g.add_argument("--schedule", choices=SCHEDULES,
+                   help=f"Stage II schedule (default {base.schedule}). 'rolling' (opt-in, quality not yet judged with "
+                        "trained weights): each denoiser call holds --steps groups of chunk/steps frames at as many "
+                        "noise levels and emits the oldest group, so no frame is denoised twice (--overlap unused; "
+                        "--chunk must be a multiple of --steps)")
 
 
 def add_backend_flags(p: argparse.ArgumentParser) -> None:
@@ -119,7 +125,8 @@ def settings_from(args, base: RenderSettings = OFFLINE) -> RenderSettings:
     """``base`` with the settings flags the user gave (unset flags keep the preset's value)."""
     return base.with_(steps=args.steps, guidance=args.guidance, smga_steps=args.smga_steps,
                       smga_guidance=args.smga_guidance, seed=args.seed, window=args.window, hop=args.hop,
-                      crossfade=args.crossfade, chunk=args.chunk, overlap=args.overlap)
+                      crossfade=args.crossfade, chunk=args.chunk, overlap=args.overlap,
+                      schedule=args.schedule)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ from mmgt.config import AUDIO_SAMPLE_RATE, FPS
 
 from .metrics import CallLog, LatencyEntry, RunMetrics, RunReport, StageEvent, steady_fps
 from .models import for_settings
+from .rolling import RollingRenderStage
+from .rolling_plan import group_size
 from .scheduler import (RenderChunk, StreamChunkPlanner, StreamPlanner, Window, crossfade_weights, frames_for_samples,
                         plan_windows)
 from .settings import OFFLINE, RenderSettings
@@ -131,8 +133,9 @@ class _FrameStore:
         self.tokens = torch.cat([self.tokens, pw.audio_tokens])
 
     def take(self, start: int, n: int) -> Tuple[np.ndarray, Tuple[np.ndarray, ...], torch.Tensor]:
-        """Rows of global frames [start, start + n), the ones past the newest repeating the newest."""
-        idx = np.clip(np.arange(start, start + n), None, self.end - 1) - self.base  # (n,)
+        """Rows of global frames [start, start + n), the ones past the newest repeating the newest (and the ones
+        before the oldest kept, the rolling schedule's warm-up slots, repeating the oldest)."""
+        idx = np.clip(np.arange(start, start + n), self.base, self.end - 1) - self.base  # (n,)
         tokens = self.tokens[torch.from_numpy(idx).to(self.tokens.device)]  # (n, T, D)
         return self.frames[idx], tuple(m[idx] for m in self.masks), tokens
 
@@ -183,6 +186,8 @@ class Runner:
             log.warning("SMGA window %d differs from the trained %d", settings.window, cfg.smga.window)
         if settings.chunk > cfg.unet.motion_max_frames:
             raise ValueError(f"chunk={settings.chunk} exceeds the motion modules' {cfg.unet.motion_max_frames} frames")
+        if settings.schedule == "rolling":
+            group_size(settings.chunk, self.steps)  # a rolling call holds `steps` groups of chunk / steps frames
         models = for_settings(models, settings)
         self.call_log = call_log or CallLog()
         self.models = models if call_log is not None else self.call_log.observe(models)
@@ -271,9 +276,9 @@ class Runner:
         # Stage I got round to it (the latency budget starts there)
         feed = [("feed", _passthrough, FEED_QUEUE)] if total_frames is None and self.overlapped else []
         stages = feed + [("stage1", _PoseStage(self, buf, metrics), s.queue_size),
-                  ("stage2", _RenderStage(self, metrics), QUEUE_SIZES["stage2"]),
-                  ("decode", lambda result: self._decode(result, metrics), QUEUE_SIZES["decode"]),
-                  ("sink", deliver, QUEUE_SIZES["sink"])]
+                         ("stage2", self._stage2(metrics), QUEUE_SIZES["stage2"]),
+                         ("decode", lambda result: self._decode(result, metrics), QUEUE_SIZES["decode"]),
+                         ("sink", deliver, QUEUE_SIZES["sink"])]
         sink.open(RunMeta(fps=FPS, width=cfg.resolution, height=cfg.resolution,
                           audio_samples=len(buf) if total_frames is not None else 0, sample_rate=AUDIO_SAMPLE_RATE,
                           preset=cfg.name, trained=cfg.trained))
@@ -299,6 +304,13 @@ class Runner:
                        dropped=int(getattr(sink, "dropped", 0)))
         log.info("run done: %s", report.summary())
         return report
+
+    def _stage2(self, metrics: RunMetrics):
+        """Stage II of one run: fixed-size chunks, or the rolling schedule's calls (engine/rolling.py)."""
+        if self.settings.schedule != "rolling":
+            return _RenderStage(self, metrics)
+        cuda = torch.device(self.models.device).type == "cuda"
+        return RollingRenderStage(self, metrics, _FrameStore(), _after, lambda: _cuda_event() if cuda else None)
 
     def _on_stream(self, stage: str):
         """The worker of ``stage`` issues its GPU work on the stage's own CUDA stream."""

@@ -381,27 +381,27 @@ class StructuralLatency:
         return self.max - self.min
 
 
-def structural_latency(window: int, hop: int, crossfade: int, lookahead: Optional[int], chunk: int, overlap: int,
+def structural_latency(window: int, hop: int, crossfade: int, lookahead: Optional[int], stage2,
                        frames: int = 400) -> StructuralLatency:
     """The live layout's structural latency over the first ``frames`` frames of a stream.
 
-    A frame leaves with its render chunk, and the chunk waits for the pose window of its LAST frame, so frames early
-    in a chunk wait longer than the chunk's last frame does; ``lookahead`` None means a window reads all of W
-    (``window - hop`` frames past its hop)."""
+    ``stage2`` is a fresh open-ended Stage II planner (``StreamChunkPlanner``, or a rolling one): its ``push(n)``
+    takes the frames a pose window emits and returns the calls that became possible, each with ``emit_range``. A
+    frame leaves with its call, and the call waits for the pose window of its LAST frame, so frames early in a chunk
+    wait longer than the chunk's last frame does; ``lookahead`` None means a window reads all of W (``window - hop``
+    frames past its hop)."""
     la = lookahead if lookahead is not None else window - hop
     windows = StreamPlanner(window, hop, crossfade, la)
-    chunks = StreamChunkPlanner(chunk, overlap)
     spf = frame_to_sample(1)
     ready: Dict[int, int] = {}  # frame -> audio frames in when its chunk can run
     for audio_frames in range(1, frames + 1):
         for w in windows.push(spf):
-            for c in chunks.push(w.keep_to - w.keep_from):
-                for f in range(c.start + c.new_from, c.start + c.new_to):
+            for c in stage2.push(w.keep_to - w.keep_from):
+                for f in range(*c.emit_range):
                     ready[f] = audio_frames
     waits = [ready[f] - f for f in sorted(ready)]
     if not waits:
-        raise ValueError(f"hop {hop} / lookahead {lookahead} / chunk {chunk} / overlap {overlap} emit no frame "
-                         f"within {frames} frames of audio")
+        raise ValueError(f"hop {hop} / lookahead {lookahead} / {stage2} emit no frame within {frames} frames of audio")
     return StructuralLatency(first=waits[0], max=max(waits), min=min(waits))
 
 

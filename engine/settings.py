@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from .rolling_plan import SCHEDULES, stage2_planner
 from .scheduler import StructuralLatency, structural_latency
 
 
@@ -25,6 +26,13 @@ class RenderSettings:
     smga_guidance: Optional[float] = None  # Stage I CFG weight (None: preset default; reference 2.0)
     seed: int = 0  # seeds both stages' noise; the same seed gives the same frames
     queue_size: int = 2  # pose windows Stage I may run ahead of Stage II
+    schedule: str = "chunk"  # Stage II: "chunk" (chunks of `chunk` frames, `overlap` carried over, every step on the
+    # whole chunk) or "rolling" (opt-in: each call holds `steps` groups of chunk / steps frames at as many noise
+    # levels and emits the oldest group; nothing is denoised twice; engine/rolling_plan.py)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"RenderSettings.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
     def with_(self, **changes) -> "RenderSettings":
         """A copy with the non-None ``changes`` applied (CLI flags left unset keep the preset's value)."""
@@ -32,7 +40,8 @@ class RenderSettings:
 
     def structural(self) -> StructuralLatency:
         """Frames of audio a live stream with these settings waits for beyond a frame before emitting it."""
-        return structural_latency(self.window, self.hop, self.crossfade, self.lookahead, self.chunk, self.overlap)
+        return structural_latency(self.window, self.hop, self.crossfade, self.lookahead,
+                                  stage2_planner(self.schedule, self.chunk, self.overlap, self.steps))
 
 
 OFFLINE = RenderSettings()

@@ -406,6 +406,8 @@ class StageIIResult:
     emit_from: int  # local frames [emit_from, emit_to) become output frames
     emit_to: int
     ready: Optional[object] = None  # GPU: a CUDA event on Stage II's stream after which ``latents`` exist
+    newest_frame: Optional[int] = None  # global frame of the newest real frame the call read, when it is not the
+    # last emitted one (the rolling schedule emits older frames than it takes in)
 
     @property
     def new_latents(self) -> torch.Tensor:
@@ -428,6 +430,46 @@ def _schedule(sampler, steps: int, device: str) -> DDIMSchedule:
     return DDIMSchedule(sampler, steps).to(device)
 
 
+def _check_guidance(models: ModelSet, guidance: float, who: str) -> bool:
+    """True when ``guidance`` needs the CFG pass; the model set's calls must have been made for that layout."""
+    cfg_on = guidance != 1.0
+    if cfg_on != (models.shapes.unet_batch == 2):
+        raise ValueError(f"{who}: guidance {guidance} needs the model set's calls prepared for it (they take "
+                         f"denoiser batch {models.shapes.unet_batch}); make the model set with this guidance")
+    return cfg_on
+
+
+def _denoiser_feeds(models: ModelSet, avatar: Avatar, pose_frames: np.ndarray, masks: Sequence[np.ndarray],
+                    tokens: torch.Tensor, cfg_on: bool) -> Dict[str, torch.Tensor]:
+    """The denoiser inputs of a call's frames besides sample and timestep: pose features, masks, audio tokens,
+    CLIP context and the avatar's bank (CFG: the unconditional row has zero audio tokens and a zero context)."""
+    cfg, dev, dt = models.cfg, models.device, models.dtype
+    pose = upload(pose_frames, dev).permute(3, 0, 1, 2)[None].to(dt) / 255.0  # (1, 3, N, R, R)
+    pose_feat = models.call("pose_guider", {"pose": pose})["pose_features"].to(dt)  # (1, C0, N, h, w)
+    masks = [upload(m, dev)[None].to(dt) for m in masks]  # each (1, N, 3, h_l*w_l)
+    tokens = tokens.to(dev, dt)[None]  # (1, N, T, D)
+    context = avatar.context
+    if cfg_on:
+        pose_feat = torch.cat([pose_feat, pose_feat])
+        masks = [torch.cat([m, m]) for m in masks]
+        tokens = torch.cat([torch.zeros_like(tokens), tokens])
+        context = torch.cat([torch.zeros_like(context), context])
+    levels = audio_mask_levels(cfg.unet, cfg.latent_size)
+    return {"context": context, "pose_features": pose_feat, "audio_tokens": tokens,
+            **{mask_name(lv.level): m for lv, m in zip(levels, masks)},
+            **{bank_name(i): t for i, t in enumerate(avatar.bank)}}
+
+
+def _velocity(models: ModelSet, feeds: Mapping[str, torch.Tensor], x: torch.Tensor, timestep: torch.Tensor,
+              guidance: float, cfg_on: bool) -> torch.Tensor:
+    """One denoiser call on latents x (1, 4, N, h, w) with a timestep per frame (N,) -> v (1, 4, N, h, w), CFG
+    combined."""
+    sample = torch.cat([x, x]) if cfg_on else x
+    timestep = timestep.float().repeat(sample.shape[0], 1)  # (B, N) float32, as the contract says
+    out = models.call("denoising_unet", {"sample": sample, "timestep": timestep, **feeds})["v"].to(models.dtype)
+    return out[:1] + guidance * (out[1:] - out[:1]) if cfg_on else out
+
+
 @torch.no_grad()
 def render_chunk(models: ModelSet, avatar: Avatar, chunk: StageIIChunk, steps: int, guidance: float,
                  seed: int) -> StageIIResult:
@@ -438,27 +480,11 @@ def render_chunk(models: ModelSet, avatar: Avatar, chunk: StageIIChunk, steps: i
     frames already shown and the chunks join without a seam.
     """
     cfg, dev, dt = models.cfg, models.device, models.dtype
-    cfg_on = guidance != 1.0
-    if cfg_on != (models.shapes.unet_batch == 2):
-        raise ValueError(f"render_chunk: guidance {guidance} needs the model set's calls prepared for it (they take "
-                         f"denoiser batch {models.shapes.unet_batch}); make the model set with this guidance")
+    cfg_on = _check_guidance(models, guidance, "render_chunk")
     n = chunk.n_frames
     sched = _schedule(cfg.sampler, steps, str(dev))
     # 1. Conditions: pose features, masks, audio tokens (CFG: unconditional audio and CLIP context are zeros)
-    pose = upload(chunk.pose_frames, dev).permute(3, 0, 1, 2)[None].to(dt) / 255.0  # (1, 3, C, R, R)
-    pose_feat = models.call("pose_guider", {"pose": pose})["pose_features"].to(dt)  # (1, C0, C, h, w)
-    masks = [upload(m, dev)[None].to(dt) for m in chunk.masks]  # each (1, C, 3, h_l*w_l)
-    tokens = chunk.audio_tokens.to(dev, dt)[None]  # (1, C, T, D)
-    context = avatar.context
-    if cfg_on:
-        pose_feat = torch.cat([pose_feat, pose_feat])
-        masks = [torch.cat([m, m]) for m in masks]
-        tokens = torch.cat([torch.zeros_like(tokens), tokens])
-        context = torch.cat([torch.zeros_like(context), context])
-    levels = audio_mask_levels(cfg.unet, cfg.latent_size)
-    feeds = {"context": context, "pose_features": pose_feat, "audio_tokens": tokens,
-             **{mask_name(lv.level): m for lv, m in zip(levels, masks)},
-             **{bank_name(i): t for i, t in enumerate(avatar.bank)}}
+    feeds = _denoiser_feeds(models, avatar, chunk.pose_frames, chunk.masks, chunk.audio_tokens, cfg_on)
     # 2. Noise per global frame (chunking-independent), then DDIM
     noise = upload(frame_noise((cfg.unet.in_channels, cfg.latent_size, cfg.latent_size), chunk.first_frame, n,
                                seed), dev).to(dt)
@@ -468,16 +494,76 @@ def render_chunk(models: ModelSet, avatar: Avatar, chunk: StageIIChunk, steps: i
     for i, t in enumerate(_schedule(cfg.sampler, steps, "cpu").timesteps.tolist()):  # host ints: no device read
         if n_known:  # overlap frames follow the previous chunk's result, re-noised to this step
             x[:, :, :n_known] = sched.add_noise(known, noise[:, :, :n_known], t)
-        sample = torch.cat([x, x]) if cfg_on else x
-        timestep = torch.full((sample.shape[0],), float(t), device=dev)  # (B,) float32, as the contract says
-        out = models.call("denoising_unet", {"sample": sample, "timestep": timestep, **feeds})["v"].to(dt)
-        if cfg_on:
-            out = out[:1] + guidance * (out[1:] - out[:1])
+        out = _velocity(models, feeds, x, torch.full((n,), float(t), device=dev), guidance, cfg_on)
         x = sched.step(out, i, x)
     if n_known:
         x[:, :, :n_known] = known
     return StageIIResult(index=chunk.index, first_frame=chunk.first_frame, latents=x, emit_from=chunk.emit_from,
                          emit_to=chunk.emit_to)
+
+
+@dataclass(frozen=True, eq=False)
+class RollingChunk:
+    """One denoiser call of the rolling schedule (engine/rolling_plan.py plans them): S groups of G frames in frame
+    order, group g at DDIM step index S-1-g. Arrays are sliced for the call's N = S * G frames."""
+
+    index: int  # call number k
+    first_frame: int  # global frame of local frame 0 (negative while warm-up slots lead the call)
+    group_size: int  # G: frames per group
+    pose_frames: np.ndarray  # (N, R, R, 3) uint8 skeleton drawings
+    masks: Tuple[np.ndarray, ...]  # one per MM-HAA level (unet_masks): (N, 3, h_l*w_l) float32
+    audio_tokens: torch.Tensor  # (N, T, D) on the model's device
+    carried: Optional[torch.Tensor] = None  # (1, 4, N - G, h, w) the previous call's latents of the groups still in
+    # flight (its result's latents[:, :, G:]); None: the first call, whose leading groups are all warm-up slots
+    warmup_groups: int = 0  # leading groups before the stream: the reference latent re-noised to their timestep
+    emit_to: int = 0  # the first group's local frames [0, emit_to) leave after this call (0: nothing leaves)
+    newest_frame: Optional[int] = None  # global frame of the newest real frame the call reads (latency accounting)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.pose_frames.shape[0])
+
+
+@torch.no_grad()
+def render_rolling(models: ModelSet, avatar: Avatar, call: RollingChunk, steps: int, guidance: float,
+                   seed: int) -> StageIIResult:
+    """One call of the rolling schedule: every group of G frames takes one DDIM step at its own timestep.
+
+    The latents are the carried groups plus the new group's noise (per global frame, as ``render_chunk`` draws it);
+    the result's latents (1, 4, N, h, w) are after the step: the first group's are final (its last step lands on x0)
+    and leave as ``new_latents``, the next call carries ``latents[:, :, G:]``. With one step (S = 1) a call is one
+    group of pure noise denoised once: ``render_chunk`` of that group without overlap, to the bit.
+    """
+    cfg, dev, dt = models.cfg, models.device, models.dtype
+    cfg_on = _check_guidance(models, guidance, "render_rolling")
+    g, n = call.group_size, call.n_frames
+    if g < 1 or n != steps * g:
+        raise ValueError(f"render_rolling: call {call.index} holds {n} frames, not {steps} steps x {g} frames")
+    if call.carried is None and call.warmup_groups != steps - 1:
+        raise ValueError(f"render_rolling: call {call.index} has no carried latents but only {call.warmup_groups} "
+                         f"of its {steps - 1} older groups are warm-up slots")
+    sched = _schedule(cfg.sampler, steps, str(dev))
+    ts = _schedule(cfg.sampler, steps, "cpu").timesteps.tolist()  # host ints: no device read
+    level = [steps - 1 - k for k in range(steps)]  # step index of group k: the oldest group takes the last step
+    shape = (cfg.unet.in_channels, cfg.latent_size, cfg.latent_size)
+    # 1. Conditions of the call's frames
+    feeds = _denoiser_feeds(models, avatar, call.pose_frames, call.masks, call.audio_tokens, cfg_on)
+    # 2. Latents: the groups in flight, then the new group as pure noise per global frame
+    fresh = upload(frame_noise(shape, call.first_frame + n - g, g, seed), dev).to(dt)  # (1, 4, G, h, w)
+    older = call.carried.to(dt) if call.carried is not None else fresh.new_zeros((1, shape[0], n - g, *shape[1:]))
+    x = torch.cat([older, fresh], dim=2)  # (1, 4, N, h, w)
+    for k in range(call.warmup_groups):  # slots before the stream: the reference image at the slot's noise level
+        noise = upload(frame_noise(shape, call.first_frame + k * g, g, seed), dev).to(dt)
+        ref = avatar.ref_latent.to(dt)[:, :, None].expand(-1, -1, g, -1, -1)  # (1, 4, G, h, w)
+        x[:, :, k * g:(k + 1) * g] = sched.add_noise(ref, noise, ts[level[k]])
+    # 3. One denoiser call, a timestep per frame
+    timestep = torch.cat([torch.full((g,), float(ts[level[k]]), device=dev) for k in range(steps)])  # (N,)
+    out = _velocity(models, feeds, x, timestep, guidance, cfg_on)
+    # 4. DDIM: each group one step further along at its own step index
+    x = torch.cat([sched.step(out[:, :, k * g:(k + 1) * g], level[k], x[:, :, k * g:(k + 1) * g])
+                   for k in range(steps)], dim=2)  # (1, 4, N, h, w)
+    return StageIIResult(index=call.index, first_frame=call.first_frame, latents=x, emit_from=0, emit_to=call.emit_to,
+                         newest_frame=call.newest_frame)
 
 
 @torch.no_grad()
@@ -554,5 +640,6 @@ class MMGTPipeline:
 
 __all__ = ["UNTRAINED_NOTE", "ModelSet", "build_models", "load_models", "save_models", "check_unet_config", "Avatar",
            "square_image", "prepare_avatar", "smga_condition", "generate_poses", "pose_conditions", "unet_masks",
-           "audio_tokens", "upload", "StageIIChunk", "StageIIResult", "frame_noise", "render_chunk", "decode",
+           "audio_tokens", "upload", "StageIIChunk", "StageIIResult", "frame_noise", "render_chunk", "RollingChunk",
+           "render_rolling", "decode",
            "MMGTPipeline"]

@@ -287,7 +287,8 @@ class UNet3D(nn.Module):
 
     ``forward(sample, timestep, encoder_hidden_states, pose_features, audio_tokens, masks, bank, uncond_rows)``:
 
-    * sample (B, in_ch, F, h, w) noisy latents; timestep (B,) or scalar; encoder_hidden_states (B, 1, cross_dim)
+    * sample (B, in_ch, F, h, w) noisy latents; timestep scalar, (B,) or (B, F) (one per frame: the rolling
+      schedule holds frames at several noise levels in one call); encoder_hidden_states (B, 1, cross_dim)
     * pose_features (B, C0, F, h, w) added after conv_in (optional)
     * audio_tokens (B, F, T, audio_dim)
     * masks: one tensor per MM-HAA level, in ``audio_mask_levels`` order, each (B, F, 3, h_l*w_l) with the full,
@@ -374,15 +375,20 @@ class UNet3D(nn.Module):
                              f"{len(self.bank_names)}")
         dtype = sample.dtype
 
-        # 1. Time embedding, one per sample, repeated over its frames
+        # 1. Time embedding, one per frame: every block reads it folded (B*F, ...), so frames of one call may sit
+        #    at different noise levels (the rolling schedule); a scalar or (B,) timestep is the same t on every frame
         timesteps = torch.as_tensor(timestep, device=sample.device)
-        timesteps = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
-        if timesteps.shape != (batch,):
-            raise ValueError(f"mmgt.unet3d: timestep must be a scalar or (B={batch},), got {tuple(timesteps.shape)}")
-        emb = self.time_embedding(self.time_proj(timesteps).to(dtype))  # (B, 4*C0)
+        if timesteps.numel() == 1:
+            timesteps = timesteps.reshape(1, 1).expand(batch, frames)
+        elif timesteps.shape == (batch,):
+            timesteps = timesteps[:, None].expand(batch, frames)
+        if timesteps.shape != (batch, frames):
+            raise ValueError(f"mmgt.unet3d: timestep must be a scalar, (B={batch},) or (B={batch}, F={frames}), got "
+                             f"{tuple(timesteps.shape)}")
+        temb = self.time_embedding(self.time_proj(timesteps.reshape(-1)).to(dtype))  # (B*F, 4*C0)
 
         # 2. Conditions of this call in folded layout
-        cond = _Conditions(temb=_repeat_frames(emb, frames), context=_repeat_frames(encoder_hidden_states, frames),
+        cond = _Conditions(temb=temb, context=_repeat_frames(encoder_hidden_states, frames),
                            audio=self._fold_audio(audio_tokens, batch, frames),
                            masks=self._fold_masks(masks, batch, frames, height, width), bank=bank, frames=frames,
                            uncond_rows=uncond_rows)
@@ -461,14 +467,17 @@ class DenoiserStep(nn.Module):
 
 
 def denoiser_contract(cfg: MMGTConfig, shapes: Shapes) -> Contract:
-    """denoising_unet: one UNet3D step (v prediction) of a render chunk, with bank, pose features, tokens, masks."""
+    """denoising_unet: one UNet3D step (v prediction) of a render chunk, with bank, pose features, tokens, masks.
+
+    ``timestep`` is (B, C), one per frame, for every schedule: the chunk schedule repeats one t over the frames, the
+    rolling schedule gives each group of frames its own; one exported artifact serves both."""
     u, ap = cfg.unet, cfg.audio_proj
     b, c, h = shapes.unet_batch, shapes.chunk, shapes.latent
     levels = audio_mask_levels(u, h)
     bank = reference_bank_layout(u, h)
     return Contract(
         "denoising_unet", "UNet3D denoising step (v prediction) with bank, pose features, audio tokens, masks",
-        inputs=(tensor("sample", (b, u.in_channels, c, h, h)), tensor("timestep", (b,), 0, 999, "float32"),
+        inputs=(tensor("sample", (b, u.in_channels, c, h, h)), tensor("timestep", (b, c), 0, 999, "float32"),
                 tensor("context", (b, 1, u.cross_attention_dim)),
                 tensor("pose_features", (b, u.block_out_channels[0], c, h, h)),
                 tensor("audio_tokens", (b, c, ap.context_tokens, u.audio_dim)))
@@ -477,7 +486,7 @@ def denoiser_contract(cfg: MMGTConfig, shapes: Shapes) -> Contract:
         outputs=(tensor("v", (b, u.out_channels, c, h, h)),),
         module=lambda m: DenoiserStep(m.denoising_unet, len(levels), shapes.uncond_rows),
         weights=("denoising_unet",), config_sections=("unet",), shape_fields=("chunk", "resolution", "unet_batch"),
-        version=2, meta={"uncond_rows": shapes.uncond_rows, "mask_levels": [lv.level for lv in levels],
+        version=3, meta={"uncond_rows": shapes.uncond_rows, "mask_levels": [lv.level for lv in levels],
                          "bank": [e.name for e in bank]})
 
 

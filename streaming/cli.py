@@ -136,12 +136,12 @@ def cmd_serve(args) -> int:
     require_extra("serve")
     if args.mic:
         require_extra("mic", "--mic")
-    from engine.models import load_model_set, prepare_avatar, resolve_device
+    from engine.models import load_model_set, prepare_avatar, resolve_device, with_preset_steps
     from streaming.server import ServerConfig, serve
     from streaming.session import SessionOptions, min_queue_frames
 
     device = resolve_device(args.device)
-    settings = settings_from(args, LIVE if device.startswith("cuda") else LIVE_CPU)
+    settings = with_preset_steps(settings_from(args, LIVE if device.startswith("cuda") else LIVE_CPU), args)
     try:
         queue = args.queue_frames or max(100, min_queue_frames(settings))
         options = SessionOptions(settings=settings, queue_frames=queue, start_margin=args.start_margin)

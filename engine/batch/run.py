@@ -98,7 +98,7 @@ def _payload(item: _Item, model_args: argparse.Namespace, threads: Optional[int]
 def _model_args(args) -> argparse.Namespace:
     """Only what engine.models.load_model_set reads (the parsed args also hold the subcommand's function)."""
     keys = MODEL_KEYS + ("steps", "guidance", "smga_steps", "smga_guidance", "seed", "window", "hop", "crossfade",
-                         "chunk", "overlap")
+                         "chunk", "overlap", "schedule")
     return argparse.Namespace(**{k: getattr(args, k, None) for k in keys})
 
 

@@ -1,7 +1,7 @@
 """Latency of live layouts (pure scheduling, milliseconds) and the measured choice of live settings."""
 import pytest
 
-from engine.scheduler import structural_latency
+from engine.scheduler import StreamChunkPlanner, structural_latency
 from engine.settings import LIVE, LIVE_CPU, LIVE_CPU_WIDE
 from engine.tuning import FRAME_MS, choose_live_settings, cost_per_frame, latency_candidates
 
@@ -9,10 +9,10 @@ from engine.tuning import FRAME_MS, choose_live_settings, cost_per_frame, latenc
 def test_structural_latency_of_known_layouts():
     # hop 40 with chunks of 32: the first chunk needs window 0 only (40 + 4 frames), the second needs window 1 for
     # its last frame (frame 59 -> audio to 84), so frame 28 waits 56 frames; the worst is 68
-    st = structural_latency(80, 40, 4, 4, 32, 4)
+    st = structural_latency(80, 40, 4, 4, StreamChunkPlanner(32, 4))
     assert (st.first, st.max, st.min, st.swing) == (44, 68, 5, 63)
     # chunks of one hop: a chunk's first frame waits for the rest of its hop and the lookahead, and no longer
-    st = structural_latency(80, 8, 4, 2, 8, 0)
+    st = structural_latency(80, 8, 4, 2, StreamChunkPlanner(8, 0))
     assert (st.first, st.max, st.min) == (10, 10, 3)
     assert LIVE_CPU_WIDE.structural().max == 68
 

@@ -188,6 +188,21 @@ def test_input_errors_are_clear():
         model(**{**inputs, "audio_tokens": None})
 
 
+@torch.no_grad()
+def test_timestep_per_frame():
+    """A scalar, a (B,) and a constant (B, F) timestep are one computation; a (B, F) one gives each frame its own
+    noise level (the rolling schedule): changing one frame's t changes the output."""
+    model, inputs, bank = make_unet(), make_inputs(), make_bank()
+    per_sample = model(**inputs, bank=bank)
+    assert torch.equal(model(**{**inputs, "timestep": 500}, bank=bank), per_sample)
+    assert torch.equal(model(**{**inputs, "timestep": torch.full((B, F), 500.0)}, bank=bank), per_sample)
+    levels = torch.full((B, F), 500.0)
+    levels[:, 1] = 900.0
+    assert not torch.allclose(model(**{**inputs, "timestep": levels}, bank=bank), per_sample, atol=1e-4)
+    with pytest.raises(ValueError, match=r"timestep must be a scalar, \(B=2,\) or \(B=2, F=3\), got \(2, 4\)"):
+        model(**{**inputs, "timestep": torch.zeros(B, F + 1)}, bank=bank)
+
+
 def test_more_than_32_frames_is_refused():
     with pytest.raises(ValueError, match="at most 32"):
         make_unet(randomize=False)(**make_inputs(batch=1, frames=33))
