@@ -13,14 +13,15 @@
 # e2e-8     8 steps without CFG, TAESD-architecture decoder (offline)
 # e2e-cfg   30 steps with CFG 3.5 (offline, 4 s of speech)
 # networks  the networks the last changes touched (UNet3D, decoders, SMGA): eager / compile / CUDA graph, fp16
+# latency   a live session's output latency with the LIVE settings, 4 steps without CFG, eager (bench_latency)
 # all       every step above, in that order
 #
 # Results are JSON under $OUT (when the machine runner sets it) or benchmarks/results/. A machine without
 # diffusers/librosa gets them from the wheels in .whl/ (carried along; no network needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?"usage: bash benchmarks/gpu_plan.sh e2e|chunks|tests|e2e-vae|e2e-8|e2e-cfg|networks|all"}
-case "$step" in e2e|chunks|tests|e2e-vae|e2e-8|e2e-cfg|networks|all) ;; *) echo "unknown step $step" >&2; exit 2 ;; esac
+step=${1:?"usage: bash benchmarks/gpu_plan.sh e2e|chunks|tests|e2e-vae|e2e-8|e2e-cfg|networks|latency|all"}
+case "$step" in e2e|chunks|tests|e2e-vae|e2e-8|e2e-cfg|networks|latency|all) ;; *) echo "unknown step $step" >&2; exit 2 ;; esac
 if ! python -c "import diffusers, librosa" 2>/dev/null; then
   python -m pip install -q --no-deps .whl/*.whl
 fi
@@ -54,6 +55,9 @@ case "$step" in
     run python -m benchmarks.bench_networks --preset mmgt --device cuda:0 --chunk 16 --dtype fp16 \
       --networks unet3d,vae_decode,taesd_decode,smga --compile --cuda-graphs --no-analysis --max-seconds 4 \
       --budget-s 400 --out "$out/networks-mmgt-changed-$gpu.json" ;;
+  latency)
+    run python -m benchmarks.bench_latency --preset mmgt --device cuda:0 --only default --steps 4 --guidance 1 \
+      --out "$out/latency-mmgt-$gpu.json" ;;
   all)
-    for s in e2e chunks tests e2e-vae e2e-8 e2e-cfg networks; do bash "$0" "$s"; done ;;
+    for s in e2e chunks tests e2e-vae e2e-8 e2e-cfg networks latency; do bash "$0" "$s"; done ;;
 esac

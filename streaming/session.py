@@ -264,8 +264,16 @@ class Session:
         engine, out = self.runner.latency_budget(), self.latency.percentiles()
         if not engine or not out:
             return {}
-        return {q: {**{k: v for k, v in engine[q].items() if k != "total"}, "engine": engine[q]["total"],
-                    "playout": out[q]["playout"], "total": out[q]["total"]} for q in ("p50", "p95")}
+        budget = {q: {**{k: v for k, v in engine[q].items() if k != "total"}, "engine": engine[q]["total"],
+                      "playout": out[q]["playout"], "total": out[q]["total"]} for q in ("p50", "p95")}
+        # percentiles do not add up; the parts of one frame do: (engine stages + playout) / measured, per chunk's
+        # first frame, in % (100: the budget accounts for all of the measured latency)
+        sent = {f: (lat, play) for f, lat, play, _ in self.latency.records()}
+        ratios = [100.0 * (e.total + sent[e.frame][1]) / sent[e.frame][0]
+                  for e in self.runner.latency_entries()[-200:] if e.frame in sent and sent[e.frame][0] > 0]
+        if ratios:
+            budget["parts_over_measured_pct"] = round(float(np.median(ratios)), 1)
+        return budget
 
     def stats(self) -> Dict:
         """What the page shows: state, latency, fps, A/V offset, drops (JSON-ready)."""

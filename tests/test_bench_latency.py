@@ -28,4 +28,4 @@ def test_bench_latency_writes_the_latency_its_budget_and_the_rate(tmp_path):
     # the budget's parts add up to the latency measured apart from them, frame by frame
     assert 90.0 <= d["budget_sum_over_measured"]["p50"] <= 110.0
     assert set(d["latency_budget_ms"]["p50"]) >= {"audio_wait", "stage1", "stage2", "decode", "sink", "playout"}
-    assert d["fps"] > 0 and d["av_offset_ms"] is not None
+    assert d["fps"] > 0 and d["av_offset_ms"]["n"] >= 2

@@ -314,3 +314,47 @@ def test_offline_budget_starts_every_clock_at_the_start(run_fast):
     first = min(report.latency, key=lambda e: e.frame)
     assert first.frame == 0 and first.total == pytest.approx(report.first_frame_latency, abs=0.05)
     assert all(e.audio_wait == 0 for e in report.latency)  # all the audio was in at the start
+
+
+def _live_pose_seams(models, avatar, settings, speech, monkeypatch) -> tuple:
+    """(mean, worst) keypoint motion across the pose-window seams of a live stream, each over the mean motion between
+    neighbouring frames inside the windows (the emitted keypoints, recorded as Stage I hands them on)."""
+    import engine.runner as R
+    from engine.sinks import NullSink
+    from engine.types import AudioChunk
+
+    emitted = []
+    conditions = R._PoseStage._conditions
+
+    def record(stage, w, kps, wav):
+        emitted.append((w.start, kps.copy()))  # (F, 134, 3) pixel keypoints the window emits
+        return conditions(stage, w, kps, wav)
+
+    monkeypatch.setattr(R._PoseStage, "_conditions", record)
+    audio = speech[: 120 * 640]
+    Runner(models, avatar, settings).run_stream(
+        iter([AudioChunk(audio[i:i + 1280], i) for i in range(0, len(audio), 1280)]), NullSink())
+    kps = np.concatenate([k for _, k in sorted(emitted, key=lambda e: e[0])])[:, :, :2]  # (120, 134, 2)
+    motion = np.linalg.norm(kps[1:] - kps[:-1], axis=-1).mean(axis=1)  # motion[i]: frame i -> i + 1
+    seams = [settings.hop * k - 1 for k in range(1, len(kps) // settings.hop)]
+    inside = np.mean([d for i, d in enumerate(motion) if i not in set(seams)])
+    return float(np.mean(motion[seams]) / inside), float(np.max(motion[seams]) / inside)
+
+
+@pytest.mark.parametrize("name", ["LIVE", "LIVE_CPU"])
+def test_poses_stay_continuous_at_the_seams_of_the_live_layouts(name, tiny_models, tiny_avatar, speech,
+                                                                 monkeypatch):
+    """Issue 17, acceptance 4: with the latency-first live presets (a pose window every 8 frames reading 2 frames
+    past its hop) the keypoints move across window seams about as much as inside the windows: on average at most
+    1.3x, at worst 3x. Without the seam crossfade the same check fails (the control below)."""
+    import engine.settings as S
+
+    mean, worst = _live_pose_seams(tiny_models, tiny_avatar, getattr(S, name), speech, monkeypatch)
+    assert mean <= 1.3 and worst <= 3.0, (name, mean, worst)
+
+
+def test_the_pose_seam_check_catches_a_layout_without_crossfade(tiny_models, tiny_avatar, speech, monkeypatch):
+    from engine.settings import LIVE
+
+    mean, worst = _live_pose_seams(tiny_models, tiny_avatar, LIVE.with_(crossfade=0), speech, monkeypatch)
+    assert mean > 1.3 or worst > 3.0, (mean, worst)

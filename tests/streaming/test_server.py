@@ -78,8 +78,8 @@ def test_round_trip_fps_latency_and_av_offset(warm_models, loopback_ice, speech)
     # where the engine's share of the delay went, per stage, while it ran
     budget = stats["latency_budget_ms"]
     assert budget["p50"]["audio_wait"] >= 0 and budget["p95"]["stage2"] > 0
-    parts = sum(budget["p50"][k] for k in ("audio_wait", "stage1", "stage2", "decode", "sink", "playout"))
-    assert parts == pytest.approx(budget["p50"]["total"], rel=0.2), budget  # measured apart from its parts
+    # per frame, the parts add up to the latency measured apart from them (issue 17: within 10 %)
+    assert 90.0 <= budget["parts_over_measured_pct"] <= 110.0, budget
 
 
 # ----------------------------------------------------------------------------------------------------------------
