@@ -110,14 +110,16 @@ async def speak(page, server, args) -> dict:
     sid, uid = await page.evaluate("() => [window.mmgt.session, window.mmgt.said[0]]")
     session = server.sessions[sid]
     samples = []  # (seconds since Speak, utterance heard now, page's audio stats)
-    shot = False
+    shot, heard = False, None
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         u = session.speech.utterance(uid)
         playing = session.speech_stats()["playing"]
         samples.append((time.monotonic() - t0, playing, await page.evaluate(RECEIVED_AUDIO)))
-        if playing == uid and not shot and samples[-1][2]["level"]:
-            await page.screenshot(path=args.screenshot, full_page=True)  # the page mid-speech
+        if playing == uid and heard is None and samples[-1][2]["level"] is not None:
+            heard = time.monotonic()
+        if heard is not None and time.monotonic() - heard > 1.5 and not shot:  # mid-speech, the page's stats
+            await page.screenshot(path=args.screenshot, full_page=True)  # polled (every second) meanwhile
             shot = True
         if u["state"] == "done" and session.played_sample() >= u["end_sample"] + 16000:  # played, + 1 s
             break
