@@ -20,6 +20,7 @@ EXTRAS: Mapping[str, Tuple[str, ...]] = {
     "ort": ("onnxruntime",),
     "ort-gpu": ("onnxruntime",),
     "mic": ("sounddevice",),
+    "piper": ("piper",),
     "tensorrt": ("tensorrt",),
     "ray": ("ray",),
 }

@@ -35,5 +35,5 @@ if ! $VPY -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 # the package with every extra the tests use (tensorrt and ort-gpu are for GPU machines: install them there by hand)
-$VPY -m pip install -q $PIN -e ".[serve,export,ort,mic,ray,dev]"
+$VPY -m pip install -q $PIN -e ".[serve,export,ort,mic,piper,ray,dev]"
 echo "set-up done: .venv ready ($($VPY -c 'import torch; print("torch", torch.__version__)'))"

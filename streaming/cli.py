@@ -68,6 +68,15 @@ def _positive_ms(text: str) -> float:
     return value
 
 
+def add_voice_flag(parser) -> None:
+    """``--voice``: the text-to-speech voice (streaming.tts.make_tts reads it)."""
+    parser.add_argument("--voice", metavar="NAME|FILE.onnx",
+                        help="text-to-speech voice for the spoken text (POST /say): an espeak-ng voice name "
+                             "(default: espeak-ng's own; `espeak-ng --voices` lists them) or a piper voice model "
+                             "FILE.onnx with FILE.onnx.json beside it (the piper extra: pip install "
+                             "'mmgt-engine[piper]')")
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `serve` command to the `engine` command line."""
     p = subparsers.add_parser(
@@ -76,7 +85,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve the live presenter: open http://HOST:PORT/ in a browser, press start, speak (or pick an "
                     "audio file); the avatar video and the matching audio come back over WebRTC, on one media "
                     "clock. While nobody speaks the avatar idles. The models are loaded once and shared by all "
-                    "sessions (each with its own avatar: --image, --avatars, or uploaded on the page); the calls "
+                    "sessions (each with its own avatar: --image, --avatars, or uploaded on the page). Text typed "
+                    "on the page (or POST /say/SESSION) is spoken by the avatar (espeak-ng, or --voice), and "
+                    "Interrupt (POST /interrupt/SESSION) stops it mid-sentence. The calls "
                     "that sessions make at the same time can run as one batched call (--batching). Scheduling "
                     "defaults: "
                     "engine/settings.py LIVE on a GPU; on a CPU the cheaper engine/settings.py LIVE_CPU (hop 8, "
@@ -104,6 +115,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--mic", action="store_true",
                      help="drive every session from this machine's microphone (sounddevice) instead of the browser's")
     src.add_argument("--mic-device", metavar="DEV", help="input device index or name for --mic (default: system's)")
+    add_voice_flag(src)
     av = p.add_argument_group("avatar")
     av.add_argument("--image", type=Path, help="reference image of the person: the default avatar (default: the "
                                                "bundled portrait)")
@@ -139,6 +151,16 @@ def cmd_serve(args) -> int:
     from engine.models import load_model_set, prepare_avatar, resolve_device, with_preset_steps
     from streaming.server import ServerConfig, serve
     from streaming.session import SessionOptions, min_queue_frames
+    from streaming.tts import TTSUnavailable, make_tts
+
+    # 2. a /say voice asked for by name must work: checked before a model is loaded (without --voice the server
+    # makes espeak-ng's default; where that is missing it serves anyway and /say answers 503 saying how to get it)
+    tts = None
+    if args.voice:
+        try:
+            tts = make_tts(args.voice)
+        except TTSUnavailable as e:
+            raise CLIError(f"--voice: {e}") from e
 
     device = resolve_device(args.device)
     settings = with_preset_steps(settings_from(args, LIVE if device.startswith("cuda") else LIVE_CPU), args)
@@ -165,7 +187,7 @@ def cmd_serve(args) -> int:
                           media_addresses=tuple(args.media_address) if args.media_address else None,
                           idle_timeout=args.idle_timeout, mic=args.mic, mic_device=args.mic_device, session=options,
                           batch={"auto": None, "on": True, "off": False}[args.batching],
-                          latency_target_ms=args.latency_target)
+                          voice=args.voice, latency_target_ms=args.latency_target)
     where = f"http://{'localhost' if args.host in ('127.0.0.1', 'localhost') else args.host}:{args.port}/"
     limit = args.max_sessions or "the measured number of"
     print(f"engine serve: {where} (preset {models.cfg.name}, {len(avatars.list())} avatar(s), up to {limit} "
@@ -173,7 +195,7 @@ def cmd_serve(args) -> int:
     from engine.sources import AudioDeviceError
 
     try:
-        serve(models, avatars, config)
+        serve(models, avatars, config, tts=tts)
     except AudioDeviceError as e:
         raise CLIError(f"--mic: {e}") from e
     except OSError as e:  # the HTTP port is taken or the address is not ours

@@ -12,7 +12,18 @@ Routes (the signalling contract):
   the session's avatar (the default when absent). Errors: 400 with a message for a body that is not JSON, not an SDP
   offer, has no video to receive, does not parse, or names an unknown avatar; 503 when ``max_sessions`` sessions are
   running (the capacity measured at start-up unless ``--max-sessions`` says otherwise).
-* ``GET /stats/<session>`` -- the session's live stats (state, first-frame latency, fps, A/V offset, drops).
+* ``POST /say/<session>`` -- JSON ``{"text": "...", "interrupt": false}`` -> 202 ``{"utterance": ID, "queued": N}``:
+  the avatar speaks the text (text to speech, streaming/tts.py, sentence by sentence) after what is already queued,
+  or at once after an interrupt with ``"interrupt": true``. Errors, each with a message: 400 for a body that is not
+  JSON or not an object, a "text" that is missing, not a string or empty, an "interrupt" that is not a boolean; 404
+  for an unknown session; 413 for a text over the length limit; 429 when the session's speech queue is full (a
+  flood is refused, never dropped silently); 503 when no TTS engine can run here (the message says how to install
+  one).
+* ``POST /interrupt/<session>`` -- stop the avatar's speech now: queued utterances and the speech not yet played are
+  dropped, the returned audio is silent from the next packet on, the avatar goes on idling. -> ``{"interrupted":
+  [IDs], "muted_ms": ...}``; 404 for an unknown session.
+* ``GET /stats/<session>`` -- the session's live stats (state, first-frame latency, fps, A/V offset, drops, and the
+  speech queue: queued, speaking, playing, utterances said/done/interrupted/failed/refused).
 * ``POST /close/<session>`` -- end a session now (the page sends it when it is left).
 * ``GET /health`` -- sessions running and the limit.
 * ``GET /metrics`` -- Prometheus text: sessions, per-session fps, output latency, drops, batch sizes, memory.
@@ -46,6 +57,8 @@ from engine.types import FPS
 
 from .avatars import AvatarError, AvatarStore
 from .session import Session, SessionOptions
+from .speech import SpeechError, SpeechQueueFull, SpeechTooLong
+from .tts import TTSUnavailable, make_tts
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +82,8 @@ class ServerConfig:
     # better (measured: 3 tiny sessions render ~100 fps together unbatched, ~80 batched on two cores)
     max_batch: int = 8  # rows of one batched call
     avatar_cache: int = 8  # prepared avatars kept (CLIP context, bank, initial pose)
+    voice: Optional[str] = None  # text to speech for /say: an espeak-ng voice name, or a piper FILE.onnx (tts.py);
+    # None: espeak-ng's default voice
     latency_target_ms: Optional[float] = None  # set: serve() picks the lowest-latency live layout within this many
     # ms of structural latency that max_sessions (or 1) sessions render in real time here (engine/tuning.py)
 
@@ -174,9 +189,11 @@ def _to_samples(frame) -> Tuple[np.ndarray, int]:
 class AvatarServer:
     """Sessions over one shared model set; build the aiohttp app with :meth:`app`.
 
-    ``avatars``: an AvatarStore, or one prepared avatar (it becomes the default of a store)."""
+    ``avatars``: an AvatarStore, or one prepared avatar (it becomes the default of a store). ``tts``: the text-to-speech
+    engine every session's /say uses (streaming.tts.TTSEngine); None: ``make_tts(config.voice)``, and when that
+    cannot run here (espeak-ng not installed) the server still serves and /say answers 503 saying why."""
 
-    def __init__(self, models, avatars, config: ServerConfig = ServerConfig()):
+    def __init__(self, models, avatars, config: ServerConfig = ServerConfig(), tts=None):
         from engine.backends.batching import batched
         from engine.models import for_settings, prepare_avatar
 
@@ -191,6 +208,15 @@ class AvatarServer:
             avatars.add("default", default.image, "default", default=True)
             avatars.seed("default", default)  # already prepared: no second ReferenceNet pass
         self.avatars = avatars
+        self.tts, self.tts_error = tts, None
+        if tts is None:
+            try:
+                self.tts = make_tts(config.voice)
+            except TTSUnavailable as e:
+                if config.voice:  # asked for by name: the caller must hear it
+                    raise
+                self.tts_error = str(e)
+                log.warning("POST /say is unavailable: %s", e)
         self.sessions: Dict[str, Session] = {}
         self.session_avatars: Dict[str, str] = {}  # session -> its avatar id
         self._pcs: Dict[str, object] = {}
@@ -284,6 +310,8 @@ class AvatarServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/offer", self._offer)
         app.router.add_get("/stats/{sid}", self._stats)
+        app.router.add_post("/say/{sid}", self._say)
+        app.router.add_post("/interrupt/{sid}", self._interrupt)
         app.router.add_post("/close/{sid}", self._close)
         app.router.add_get("/health", self._health)
         app.router.add_static("/static/", STATIC_DIR)
@@ -385,6 +413,48 @@ class AvatarServer:
             return web.json_response(self.closed_sessions[sid])
         return web.json_response({"error": f"no session {sid!r}"}, status=404)
 
+    async def _say(self, request):
+        """POST /say/<session> {"text", "interrupt"} -> 202 {"utterance": ID}; see the module docstring."""
+        from aiohttp import web
+
+        sid = request.match_info["sid"]
+        session = self.sessions.get(sid)
+        if session is None:
+            return web.json_response({"error": f"no session {sid!r}"}, status=404)
+        status, headers = 400, None
+        try:
+            try:
+                body = json.loads(await request.text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise SpeechError(f"say body is not valid JSON: {e}") from e
+            if not isinstance(body, dict) or "text" not in body:
+                got = "an object without \"text\"" if isinstance(body, dict) else f"a JSON {type(body).__name__}"
+                raise SpeechError(f"say body must be a JSON object {{\"text\": \"...\", \"interrupt\": false}}, "
+                                  f"got {got}")
+            interrupt = body.get("interrupt", False)
+            if not isinstance(interrupt, bool):
+                raise SpeechError(f"\"interrupt\" must be true or false, got {interrupt!r}")
+            uid = session.say(body["text"], interrupt=interrupt)
+        except (SpeechError, SpeechQueueFull, TTSUnavailable) as e:
+            if isinstance(e, SpeechTooLong):
+                status = 413
+            elif isinstance(e, SpeechQueueFull):
+                status, headers = 429, {"Retry-After": "5"}
+            elif isinstance(e, TTSUnavailable):
+                status = 503
+            log.info("POST /say/%s from %s: %d %s", sid, request.remote, status, e)
+            return web.json_response({"error": str(e)}, status=status, headers=headers)
+        return web.json_response({"utterance": uid, "queued": session.speech.stats()["queued"]}, status=202)
+
+    async def _interrupt(self, request):
+        from aiohttp import web
+
+        sid = request.match_info["sid"]
+        session = self.sessions.get(sid)
+        if session is None:
+            return web.json_response({"error": f"no session {sid!r}"}, status=404)
+        return web.json_response(session.interrupt())
+
     async def _close(self, request):
         from aiohttp import web
 
@@ -436,7 +506,8 @@ class AvatarServer:
         loop = asyncio.get_running_loop()
 
         def make() -> Session:
-            return Session(self.models, self.avatars.prepared(avatar_id), self.config.session)
+            return Session(self.models, self.avatars.prepared(avatar_id), self.config.session, tts=self.tts,
+                           tts_error=self.tts_error)
 
         session = await loop.run_in_executor(None, make)
         sid = session.id
@@ -581,13 +652,14 @@ def speed_note(fps: float) -> Tuple[int, str]:
     return logging.INFO, f"renders {fps:.1f} fps with these settings ({fps / FPS:.1f}x real time)"
 
 
-def serve(models, avatars, config: ServerConfig) -> None:
-    """Run the server until interrupted (blocking). ``config.max_sessions`` None: measured first (measure_capacity)."""
+def serve(models, avatars, config: ServerConfig, tts=None) -> None:
+    """Run the server until interrupted (blocking). ``config.max_sessions`` None: measured first (measure_capacity).
+    ``tts``: the /say engine (None: AvatarServer makes it from ``config.voice``)."""
     import dataclasses
 
     from aiohttp import web
 
-    server = AvatarServer(models, avatars, config)
+    server = AvatarServer(models, avatars, config, tts=tts)
     if config.mic:
         server.start_mic()
     log.info("warm-up render took %.1f s", server.warmup())

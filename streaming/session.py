@@ -7,7 +7,11 @@ Threads of a session (the event loop only ever does non-blocking calls into it):
   into the AudioRecord the audio track reads back. When no speech arrives it pushes silence at real-time pace, so
   the engine keeps rendering and the avatar idles (it moves; it never freezes or goes black). When the engine falls
   more than ``max_engine_lag`` behind, input is dropped (counted) instead of queueing without bound;
-* the *engine* runs ``Runner.run_stream(LiveSource, QueueSink)``: Stage I and Stage II workers, frames to the sink.
+* the *engine* runs ``Runner.run_stream(LiveSource, QueueSink)``: Stage I and Stage II workers, frames to the sink;
+* the *speech* worker (streaming/speech.py) synthesises what :meth:`Session.say` queued, a sentence at a time; the
+  feeder mixes it into the timeline at real-time pace, so spoken text reaches the engine, the media clock and the
+  returned audio exactly as microphone input does. :meth:`Session.interrupt` drops the queued speech and takes the
+  speech not yet played out of the returned audio (the frames already rendered from it still play: see there).
 
 ``close()`` stops both and joins them; it is idempotent and safe from any thread.
 """
@@ -28,7 +32,8 @@ from engine.sources import LiveSource
 from engine.types import FPS, SAMPLE_RATE
 
 from .latency import OutputLatency
-from .tracks import SAMPLES_PER_FRAME, AudioRecord, MediaClock, TimedQueueSink, make_tracks
+from .speech import SpeechOptions, SpeechQueue
+from .tracks import AUDIO_FRAME_SAMPLES, SAMPLES_PER_FRAME, AudioRecord, MediaClock, TimedQueueSink, make_tracks
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ class SessionOptions:
     stamp_frames: bool = False  # write the engine frame index into each picture (diagnostics, tests)
     catch_up_in_pauses: bool = True  # after the engine ran late (held frames), leave silent frames out until the
     # delay is back to the usual: the latency a stall added drains in the next pause, speech is never cut
+    speech: SpeechOptions = SpeechOptions()  # the text-to-speech queue's limits (POST /say)
 
     def layout(self) -> Dict[str, int]:
         """The output clock's numbers for these settings; ValueError when the queue cannot hold a burst of frames.
@@ -87,7 +93,8 @@ class InputStats:
 class Session:
     """One viewer: its own Runner, LiveSource, QueueSink and tracks; the models and avatar are shared."""
 
-    def __init__(self, models, avatar, options: SessionOptions = SessionOptions(), session_id: Optional[str] = None):
+    def __init__(self, models, avatar, options: SessionOptions = SessionOptions(), session_id: Optional[str] = None,
+                 tts=None, tts_error: Optional[str] = None):
         self.id = session_id or uuid.uuid4().hex[:12]
         self.options = options
         self.created = time.monotonic()
@@ -108,6 +115,10 @@ class Session:
         self.pushed = 0  # engine samples pushed so far (audio + filled silence)
         # 2. input side: any-rate audio from any thread, resampled to 16 kHz, drained by the feeder
         self._input = LiveSource()
+        # speech from text (say) or another TTS's audio, mixed in by the feeder; tts: a streaming.tts.TTSEngine
+        # shared by the sessions (None: text is refused with tts_error)
+        self.speech = SpeechQueue(tts, options.speech, tts_error=tts_error)
+        self._feed_lock = threading.Lock()  # one block of timeline at a time: the feeder's push vs. interrupt()
         # 3. output side: one clock, two tracks
         # The clock starts late enough for the slowest frame (structural latency) and skips ahead only when more
         # frames wait than the queue can hold (the engine ran ahead, e.g. after a stall)
@@ -142,6 +153,7 @@ class Session:
         if self._threads:
             return
         self.state = "waiting"
+        self.speech.start()
         self._threads = {"feeder": threading.Thread(target=self._feed, name=f"feed-{self.id}", daemon=True),
                          "engine": threading.Thread(target=self._engine, name=f"engine-{self.id}", daemon=True)}
         for t in self._threads.values():
@@ -158,6 +170,55 @@ class Session:
             self._input.push(samples, sample_rate)
         except RuntimeError:  # closed in between: the session is going away
             pass
+
+    # ------------------------------------------------------------------------------------------------------------
+    def say(self, text: object, interrupt: bool = False) -> str:
+        """Queue ``text`` to be spoken by the avatar (after an :meth:`interrupt` when ``interrupt``); returns the
+        utterance id. Raises what SpeechQueue.say raises (SpeechError, SpeechTooLong, SpeechQueueFull,
+        TTSUnavailable); a text refused for itself interrupts nothing."""
+        if interrupt:
+            self.speech.check(text)
+            self.interrupt()
+        return self.speech.say(text)
+
+    def played_sample(self) -> int:
+        """The engine sample being heard now: the audio track's next packet (the video slot now, without an audio
+        track); 0 before the first frame. Speech from here on has not been played."""
+        clock = self.clock
+        if clock.t0 is None or time.monotonic() < clock.t0:
+            return 0
+        if clock.last_audio is not None:  # (pts s, engine s) of the packet handed to the encoder last
+            return int(round(clock.last_audio[1] * SAMPLE_RATE)) + AUDIO_FRAME_SAMPLES
+        return max(0, clock.current_slot() - clock.shift) * SAMPLES_PER_FRAME
+
+    def interrupt(self) -> Dict:
+        """Stop the avatar's speech now: drop the queued utterances and the synthesised speech not yet in the
+        timeline (SpeechQueue.interrupt), and take the speech that is in the timeline but not yet played out of
+        the audio the track sends back, so the returned audio is silent from the next packet on (microphone input
+        mixed with it stays). The frames already rendered from that speech (the output delay's worth: structural
+        latency + render time + playout margin) still play, at 25 fps, with silent audio; frames rendered from
+        the timeline after the interrupt idle. Returns {"interrupted": ids, "muted_ms": speech taken out}."""
+        with self._feed_lock:  # no block of speech enters between the cut and the mute
+            cut = self.speech.interrupt()
+            start, end = min(self.played_sample(), cut.at), cut.at
+            lo = max(start, self.speech.emitted.end - self.speech.emitted.capacity, 0)
+            speech = self.speech.emitted.read(lo, end)  # (end - lo,) speech in the timeline, not yet heard
+            muted = 0
+            if speech.any():
+                self.record.write(lo, self.record.read(lo, end) - speech)
+                self.speech.emitted.write(lo, np.zeros_like(speech))
+                nz = np.flatnonzero(speech)
+                muted = int(nz[-1] - nz[0] + 1)
+        log.info("session %s: interrupted %s (%.0f ms of unplayed speech muted)", self.id, cut.dropped or "nothing",
+                 muted / SAMPLE_RATE * 1000)
+        return {"interrupted": cut.dropped, "muted_ms": round(muted / SAMPLE_RATE * 1000, 1)}
+
+    def speech_stats(self) -> Dict:
+        """The speech queue's stats plus ``playing``: the utterance heard now (None: none, silence, or nothing is
+        played yet)."""
+        started = self.clock.t0 is not None and time.monotonic() >= self.clock.t0
+        playing = self.speech.at(self.played_sample()) if started else None
+        return {**self.speech.stats(), "playing": playing}
 
     # ------------------------------------------------------------------------------------------------------------
     def _engine(self) -> None:
@@ -209,15 +270,21 @@ class Session:
                     origin += now - last  # the dropped time is not owed later as silence
                     last = now
                     continue
-                # 2. input audio, as it arrived
-                for p in parts:
-                    self._push_engine(p)
-                # 3. silence up to the real-time target (minus the jitter allowance): the avatar idles
+                # 2. input audio, as it arrived, then silence up to the real-time target (minus the jitter
+                # allowance): the avatar idles
                 target = int((now - origin - o.jitter) * SAMPLE_RATE)
-                if self.pushed < target:
-                    gap = target - self.pushed
-                    self.inputs.silence_seconds += gap / SAMPLE_RATE
-                    self._push_engine(np.zeros(gap, np.float32))
+                gap = max(0, target - self.pushed - got)
+                self.inputs.silence_seconds += gap / SAMPLE_RATE
+                if got or gap:
+                    block = np.concatenate(parts + [np.zeros(gap, np.float32)])  # (n,) this tick's timeline
+                    with self._feed_lock:
+                        # 3. speech mixed in over the same samples: it enters at real-time pace
+                        speech = self.speech.read(len(block), at=self.pushed)
+                        if got:
+                            block = np.clip(block + speech, -1.0, 1.0)
+                        else:
+                            block = speech
+                        self._push_engine(block)
                 last = now
                 if self.state == "waiting" and self.clock.started.is_set():
                     self.state = "streaming"
@@ -233,6 +300,7 @@ class Session:
             self._closed = True
         log.info("session %s: closing (%s)", self.id, reason)
         self._stop.set()
+        self.speech.close()
         self.runner.stop()
         self._input.close()
         self.live.close()
@@ -309,6 +377,7 @@ class Session:
             "latency_budget_ms": self.latency_budget(),
             "engine_lag_ms": round((self.pushed - self.sink.put_frames * SAMPLES_PER_FRAME) / SAMPLE_RATE * 1000, 1),
             "input": asdict(self.inputs),
+            "speech": self.speech_stats(),
         }
 
 

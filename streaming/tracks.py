@@ -68,6 +68,14 @@ class AudioRecord:
             self._buf[idx] = keep
             self.end += n
 
+    def write(self, start: int, samples: np.ndarray) -> None:
+        """Overwrite recorded samples from ``start`` (those no longer kept, or not yet appended, are left out)."""
+        s = np.asarray(samples, np.float32)  # (n,)
+        with self._lock:
+            lo, hi = max(start, self.end - self.capacity, 0), min(start + len(s), self.end)
+            if hi > lo:
+                self._buf[np.arange(lo, hi) % self.capacity] = s[lo - start:hi - start]
+
     def read(self, start: int, stop: int) -> np.ndarray:
         """Engine samples [start, stop) as float32; zeros where not (or no longer) recorded."""
         out = np.zeros(max(0, stop - start), np.float32)

@@ -1,14 +1,16 @@
 // MMGT live presenter page: send the microphone (or a file played through WebAudio), receive the avatar video and
 // the rendered audio in one MediaStream, and show live stats. Avatars: GET /avatars lists them, POST /avatars (an
 // image file) adds one. Signalling: POST /offer {sdp, type, avatar} -> {sdp, type, session}; stats: GET
-// /stats/<session>; leaving: POST /close/<session>. No trickle ICE: the offer carries all
-// candidates (the server is aiortc, which answers with all of its own).
+// /stats/<session>; leaving: POST /close/<session>; text to speak: POST /say/<session> {text, interrupt}, stopping
+// it: POST /interrupt/<session>. No trickle ICE: the offer carries all candidates (the server is aiortc, which
+// answers with all of its own).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const state = {
   pc: null, session: null, stream: null, audioCtx: null, startedAt: 0, firstFrameMs: null,
   frames: 0, timer: null, lastDecoded: 0, lastDecodedAt: 0, fps: 0, micStream: null,
+  audioLevel: null, audioEnergy: 0, said: [],
 };
 window.mmgt = state;  // for tests and curious users: window.mmgt.frames, window.mmgt.session
 
@@ -79,6 +81,7 @@ async function start() {
     const answer = await resp.json();
     if (!resp.ok) throw new Error(`server said ${resp.status}: ${answer.error}`);
     state.session = answer.session;
+    $("interrupt").disabled = false;
     await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
     if (state.fileSource) state.fileSource.start();
     state.timer = setInterval(pollStats, 1000);
@@ -109,6 +112,7 @@ async function pollStats() {
   if (state.lastDecodedAt) state.fps = (decoded - state.lastDecoded) * 1000 / (now - state.lastDecodedAt);
   state.lastDecoded = decoded; state.lastDecodedAt = now;
   $("s-decoded").textContent = `${decoded}`;
+  await readAudioLevel();
   if (!state.session) return;
   try {
     const resp = await fetch(`/stats/${state.session}`);
@@ -121,8 +125,57 @@ async function pollStats() {
     $("s-dropped").textContent = `${s.frames_dropped} / ${s.frames_repeated}`;
     $("s-latency").textContent = fmt(s.output_latency_ms, "ms");
     $("s-input").textContent = `${s.input.received_seconds.toFixed(1)} s (${s.input.source}), peak ${s.input.peak.toFixed(2)}`;
+    const sp = s.speech;
+    $("s-speech").textContent = sp.tts ? `${sp.queued} / ${sp.playing || "-"} / ${sp.utterances.done} / ${sp.utterances.interrupted}`
+      : `unavailable: ${sp.tts_error}`;
     if (s.error) showError(s.error);
   } catch (err) { /* the server went away: the connection state shows it */ }
+}
+
+// The level of the avatar's audio as this page receives it (WebRTC inbound-rtp stats: 0 silent, 1 full scale).
+async function readAudioLevel() {
+  if (!state.pc) return;
+  try {
+    (await state.pc.getStats()).forEach((r) => {
+      if (r.type === "inbound-rtp" && r.kind === "audio") {
+        state.audioLevel = r.audioLevel ?? null;
+        state.audioEnergy = r.totalAudioEnergy ?? 0;
+      }
+    });
+  } catch (err) { return; }
+  $("s-level").textContent = state.audioLevel === null ? "-" : state.audioLevel.toFixed(3);
+}
+
+// Speak: the text goes to the session (one is started with the chosen source first when none is running).
+async function speak() {
+  const text = $("say-text").value;
+  showError("");
+  try {
+    if (!state.pc) await start();
+    if (!state.session) return;  // start() said why
+    const resp = await fetch(`/say/${state.session}`, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ text, interrupt: $("say-interrupt").checked }),
+    });
+    const data = await resp.json();
+    if (!resp.ok) throw new Error(`server said ${resp.status}: ${data.error}`);
+    state.said.push(data.utterance);
+    $("say-status").textContent = `accepted ${data.utterance} (${data.queued} waiting to be spoken)`;
+  } catch (err) {
+    showError(`speak refused: ${err.message || err}`);
+  }
+}
+
+async function interrupt() {
+  if (!state.session) return;
+  try {
+    const resp = await fetch(`/interrupt/${state.session}`, { method: "POST" });
+    const data = await resp.json();
+    if (!resp.ok) throw new Error(`server said ${resp.status}: ${data.error}`);
+    $("say-status").textContent = data.interrupted.length ? `interrupted ${data.interrupted.join(", ")}` : "nothing to interrupt";
+  } catch (err) {
+    showError(`interrupt failed: ${err.message || err}`);
+  }
 }
 
 function stop() {
@@ -135,6 +188,7 @@ function stop() {
   Object.assign(state, { pc: null, session: null, micStream: null, audioCtx: null, fileSource: null });
   $("start").disabled = false;
   $("stop").disabled = true;
+  $("interrupt").disabled = true;
   $("avatar-pick").disabled = false;
   setState("stopped");
 }
@@ -176,6 +230,8 @@ $("avatar-file").addEventListener("change", uploadAvatar);
 loadAvatars().catch(() => {});
 $("start").addEventListener("click", start);
 $("stop").addEventListener("click", stop);
+$("speak").addEventListener("click", speak);
+$("interrupt").addEventListener("click", interrupt);
 window.addEventListener("pagehide", () => { if (state.session) navigator.sendBeacon(`/close/${state.session}`); });
 $("note").textContent = "";
 fetch("/health").then((r) => r.json()).then((h) => {

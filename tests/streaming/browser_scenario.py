@@ -1,10 +1,12 @@
 """Real-browser scenario, run by test_browser.py inside a network namespace: the server (tiny preset) and headless
 Chromium (Debian's /usr/bin/chromium, driven by Playwright) with a fake microphone playing a speech WAV.
 
-    python browser_scenario.py --address 10.213.0.1 --wav speech.wav --out result.json
+    python browser_scenario.py --address 10.213.0.1 --wav speech.wav --out result.json [--say TEXT --screenshot F]
 
 Media (ICE) uses ``--address`` (Chromium ignores loopback candidates); the page and signalling stay on 127.0.0.1.
-Writes a JSON report: frames the page decoded, what the server heard from the microphone, how the session ended.
+Writes a JSON report: frames the page decoded, what the server heard from the microphone, how the session ended;
+with ``--say``, then the text typed on the page and spoken with Speak (no microphone): the page's received audio
+level and energy while the server plays it, the frames decoded meanwhile, and a screenshot.
 """
 from __future__ import annotations
 
@@ -75,9 +77,70 @@ async def scenario(args) -> dict:
                     await asyncio.sleep(0.1)
                 report["closed"] = server.closed_sessions.get(sid, {}).get("close_reason")
                 report["sessions_after_stop"] = len(server.sessions)
+                if args.say:
+                    report["speak"] = await speak(page, server, args)
             finally:
                 await browser.close()
     return report
+
+
+RECEIVED_AUDIO = """async () => {
+    let out = {level: null, energy: 0, seconds: 0};
+    const pc = window.mmgt.pc;
+    if (!pc) return out;
+    (await pc.getStats()).forEach((r) => {
+        if (r.type === "inbound-rtp" && r.kind === "audio")
+            out = {level: r.audioLevel ?? null, energy: r.totalAudioEnergy ?? 0, seconds: r.totalSamplesDuration ?? 0};
+    });
+    out.decoded = document.getElementById('avatar').getVideoPlaybackQuality().totalVideoFrames;
+    return out;
+}"""
+
+
+async def speak(page, server, args) -> dict:
+    """No microphone: type ``args.say``, press Speak (it starts a session), follow the page's received audio while
+    the server plays the utterance; a screenshot mid-speech."""
+    out: dict = {}
+    await page.check("input[name=source][value=none]")
+    await page.fill("#say-text", args.say)
+    t0 = time.monotonic()
+    await page.click("#speak")
+    await page.wait_for_function("() => window.mmgt.said.length === 1", timeout=args.timeout * 1000)
+    out["say_answered_s"] = time.monotonic() - t0
+    sid, uid = await page.evaluate("() => [window.mmgt.session, window.mmgt.said[0]]")
+    session = server.sessions[sid]
+    samples = []  # (seconds since Speak, utterance heard now, page's audio stats)
+    shot, heard = False, None
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        u = session.speech.utterance(uid)
+        playing = session.speech_stats()["playing"]
+        samples.append((time.monotonic() - t0, playing, await page.evaluate(RECEIVED_AUDIO)))
+        if playing == uid and heard is None and samples[-1][2]["level"] is not None:
+            heard = time.monotonic()
+        if heard is not None and time.monotonic() - heard > 1.5 and not shot:  # mid-speech, the page's stats
+            await page.screenshot(path=args.screenshot, full_page=True)  # polled (every second) meanwhile
+            shot = True
+        if u["state"] == "done" and session.played_sample() >= u["end_sample"] + 16000:  # played, + 1 s
+            break
+        await asyncio.sleep(0.1)
+    out["utterance"] = session.speech.utterance(uid)
+    out["speech_stats"] = session.speech_stats()
+    try:  # the page's stats table shows it done (it polls /stats every second)
+        await page.wait_for_function("() => document.getElementById('s-speech').textContent.startsWith('0 / - / 1')",
+                                     timeout=5000)
+    finally:
+        out["page_speech_row"] = await page.evaluate("() => document.getElementById('s-speech').textContent")
+    out["screenshot"] = str(args.screenshot) if shot else None
+    during = [a for _, p, a in samples if p == uid and a["level"] is not None]  # heard, as the page reports it
+    out["levels_while_playing"] = [a["level"] for a in during]
+    out["level_after"] = samples[-1][2]["level"]  # a second after it was played
+    out["energy_while_playing"] = (during[-1]["energy"] - during[0]["energy"]) if len(during) > 1 else 0.0
+    out["seconds_while_playing"] = (during[-1]["seconds"] - during[0]["seconds"]) if len(during) > 1 else 0.0
+    out["decoded_while_playing"] = (during[-1]["decoded"] - during[0]["decoded"]) if len(during) > 1 else 0
+    out["error"] = await page.evaluate("() => document.getElementById('error').textContent")
+    await page.click("#stop")
+    return out
 
 
 def main() -> int:
@@ -87,6 +150,8 @@ def main() -> int:
     ap.add_argument("--out", required=True, type=Path, help="JSON report")
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for 100 decoded frames")
+    ap.add_argument("--say", help="then type this text on the page, press Speak (no microphone) and follow it")
+    ap.add_argument("--screenshot", type=Path, default=Path("speak.png"), help="the page mid-speech (PNG)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("aioice", "aiortc", "aiohttp.access"):

@@ -46,6 +46,7 @@ class Received:
     keep_audio_seconds: float = 60.0  # only the newest audio is kept (long benchmark sessions)
     audio_pts: deque = field(default_factory=deque)  # 48 kHz pts of each received packet
     audio: deque = field(default_factory=deque)  # (n,) float32 mono 48 kHz per packet
+    audio_arrival: deque = field(default_factory=deque)  # time.monotonic() each packet was decoded
     audio_packets: int = 0
     session: Optional[str] = None
     answer: Optional[dict] = None
@@ -69,10 +70,17 @@ class Received:
     def add_audio(self, pts: int, mono: np.ndarray) -> None:
         self.audio_pts.append(pts)
         self.audio.append(mono)
+        self.audio_arrival.append(time.monotonic())
         self.audio_packets += 1
         while self.audio_pts and pts - self.audio_pts[0] > self.keep_audio_seconds * 48000:
             self.audio_pts.popleft()
             self.audio.popleft()
+            self.audio_arrival.popleft()
+
+    def packets(self, since: float = 0.0) -> List[Tuple[int, float, float]]:
+        """(pts 48 kHz, RMS, arrival) of each kept audio packet decoded at or after ``since`` (time.monotonic())."""
+        return [(p, float(np.sqrt(np.mean(np.square(a)))) if len(a) else 0.0, t)
+                for p, a, t in zip(self.audio_pts, self.audio, self.audio_arrival) if t >= since]
 
     def audio_signal(self) -> Tuple[int, np.ndarray]:
         """(first pts, the kept audio placed on its pts timeline from there: 48 kHz, gaps zero-filled)."""
@@ -198,8 +206,9 @@ def make_speech_track(speech16k: Optional[np.ndarray], loop: bool = False):
 
 
 async def offer_and_connect(url: str, speech16k: Optional[np.ndarray], received: Received, send_audio: bool = True,
-                            loop: bool = False, avatar: Optional[str] = None):
-    """Create the peer, post the offer, apply the answer; frames are collected into ``received`` by tasks."""
+                            loop: bool = False, avatar: Optional[str] = None, receive_audio: bool = True):
+    """Create the peer, post the offer, apply the answer; frames are collected into ``received`` by tasks. Without
+    ``send_audio`` the client has no microphone: it only receives the audio (unless ``receive_audio`` is False)."""
     import aiohttp
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
     from aiortc.mediastreams import MediaStreamError
@@ -207,6 +216,8 @@ async def offer_and_connect(url: str, speech16k: Optional[np.ndarray], received:
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     if send_audio:
         pc.addTransceiver(make_speech_track(speech16k, loop=loop), direction="sendrecv")
+    elif receive_audio:
+        pc.addTransceiver("audio", direction="recvonly")
     pc.addTransceiver("video", direction="recvonly")
     from streaming.tracks import read_stamp
 
@@ -278,6 +289,15 @@ async def run_client(url: str, speech16k: Optional[np.ndarray], seconds: float,
         for t in tasks:
             t.cancel()
     return received
+
+
+async def wait_until(predicate, timeout: float, what: str, poll: float = 0.02) -> None:
+    """Poll ``predicate()`` until it holds; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(poll)
 
 
 @contextlib.asynccontextmanager

@@ -1,5 +1,6 @@
 """The demo page in a real browser: headless Chromium (Debian package) driven by Playwright, its fake microphone
-playing the bundled speech, media over WebRTC inside a network namespace this test creates.
+playing the bundled speech, media over WebRTC inside a network namespace this test creates; then, without a
+microphone, a text typed on the page and spoken with Speak (issue 18, acceptance 5).
 
 Chromium ignores loopback ICE candidates, so the test makes a namespace with a veth pair (10.213.0.1/24 and
 10.213.0.2/24, both ends inside it, so nothing leaves the namespace), brings its ``lo`` up for the page and
@@ -69,11 +70,14 @@ def _speech_wav(path: Path, speech: np.ndarray) -> None:
         w.writeframes((np.clip(pcm, -1, 1) * 32767).astype(np.int16).tobytes())
 
 
-def test_page_in_headless_chromium_decodes_video_and_sends_the_microphone(netns, tmp_path, speech):
-    wav, out = tmp_path / "speech.wav", tmp_path / "report.json"
+SAY = "Hello from the browser. The avatar speaks the text you type."
+
+
+def test_page_in_headless_chromium_decodes_video_sends_the_microphone_and_speaks_text(netns, tmp_path, speech):
+    wav, out, shot = tmp_path / "speech.wav", tmp_path / "report.json", tmp_path / "speak.png"
     _speech_wav(wav, speech)
     cmd = ["ip", "netns", "exec", netns, sys.executable, str(HERE / "browser_scenario.py"), "--address", ADDRESS,
-           "--wav", str(wav), "--out", str(out), "--chromium", CHROMIUM]
+           "--wav", str(wav), "--out", str(out), "--chromium", CHROMIUM, "--say", SAY, "--screenshot", str(shot)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     report = json.loads(out.read_text()) if out.exists() else {}
@@ -92,3 +96,16 @@ def test_page_in_headless_chromium_decodes_video_and_sends_the_microphone(netns,
     # Stop on the page freed the session
     assert report["closed"] is not None and report["sessions_after_stop"] == 0, report
     assert not [c for c in report["console"] if c.startswith("pageerror")], report["console"]
+    # Speak without a microphone: the server spoke the text, and the page's audio track carried it while its video
+    # kept playing frames (levels from the page's own WebRTC stats: 0 silent, 1 full scale)
+    said = report["speak"]
+    assert said["utterance"]["state"] == "done" and said["utterance"]["sentences"] == 2, said
+    assert not said["error"], said
+    levels = [v for v in said["levels_while_playing"] if v is not None]
+    assert len(levels) >= 10 and max(levels) > 0.05, said
+    assert said["level_after"] is not None and said["level_after"] < 0.01, said  # then silent: the avatar idles
+    assert said["seconds_while_playing"] > 2.0, said
+    assert said["energy_while_playing"] / said["seconds_while_playing"] > 1e-4, said  # mean power: not silence
+    assert said["decoded_while_playing"] >= 25 * said["seconds_while_playing"] * 0.8, said
+    assert said["page_speech_row"] == "0 / - / 1 / 0", said  # the page's stats: queued / playing / done / interrupted
+    assert said["screenshot"] and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000

@@ -105,6 +105,12 @@ def test_audio_record_is_a_ring_on_the_engine_timeline():
     np.testing.assert_array_equal(rec.read(9, 13), [9, 10, 11, 12])
     rec.append(np.arange(13, 40, dtype=np.float32))  # longer than the ring: only its newest 10 stay
     np.testing.assert_array_equal(rec.read(28, 40), [0, 0] + list(range(30, 40)))
+    # overwriting (an interrupt takes speech out): only the kept, already appended samples change
+    rec.write(27, np.full(15, -1.0, np.float32))
+    np.testing.assert_array_equal(rec.read(28, 40), [0, 0] + [-1] * 10)
+    rec.write(35, np.zeros(2, np.float32))
+    np.testing.assert_array_equal(rec.read(33, 40), [-1, -1, 0, 0, -1, -1, -1])
+    assert rec.end == 40
 
 
 # ----------------------------------------------------------------------------------------------------------------
