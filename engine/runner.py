@@ -193,6 +193,7 @@ class Runner:
         self.models = models if call_log is not None else self.call_log.observe(models)
         self._stop = threading.Event()
         self._metrics_now: Optional[RunMetrics] = None  # the running (or last) run's recorder
+        self._quiet = False  # True while probing: the run's summary is logged at debug level
         # one CUDA stream per GPU stage (None on a CPU): a stage's host sync then waits for its own work only
         cuda = torch.device(models.device).type == "cuda"
         self._streams = {name: torch.cuda.Stream(models.device) if cuda else None
@@ -302,7 +303,7 @@ class Runner:
         report.backends = self.call_log.kinds()
         metrics.finish(len(buf), AUDIO_SAMPLE_RATE, finite=total_frames is not None,
                        dropped=int(getattr(sink, "dropped", 0)))
-        log.info("run done: %s", report.summary())
+        log.log(logging.DEBUG if self._quiet else logging.INFO, "run done: %s", report.summary())
         return report
 
     def _stage2(self, metrics: RunMetrics):
@@ -336,13 +337,13 @@ class Runner:
 
         s = self.settings
         t = time.perf_counter()
-        overlapped, self.overlapped = self.overlapped, False
+        overlapped, self.overlapped, self._quiet = self.overlapped, False, True
         try:
             # one chunk of near-silence (exact zeros make librosa's chroma warn); Stage I still runs its W frames
             hiss = np.random.default_rng(0).standard_normal(s.chunk * SAMPLES_PER_FRAME) * 1e-3
             self.run(hiss.astype(np.float32), NullSink())
         finally:
-            self.overlapped = overlapped
+            self.overlapped, self._quiet = overlapped, False
         if torch.device(self.models.device).type == "cuda":
             torch.cuda.synchronize(self.models.device)
         seconds = time.perf_counter() - t
@@ -359,7 +360,11 @@ class Runner:
         s = self.settings
         frames = max(int(seconds * FPS), s.chunk + 6 * (s.chunk - s.overlap), 3 * s.hop)
         hiss = (np.random.default_rng(1).standard_normal(frames * SAMPLES_PER_FRAME) * 1e-3).astype(np.float32)
-        return steady_fps(self.run_stream(iter([AudioChunk(hiss, 0)]), NullSink()))
+        self._quiet = True  # a measurement, not a run the user asked for: its summary goes to the debug log
+        try:
+            return steady_fps(self.run_stream(iter([AudioChunk(hiss, 0)]), NullSink()))
+        finally:
+            self._quiet = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
