@@ -124,6 +124,10 @@ async function pollStats() {
     $("s-av").textContent = fmt(s.av_offset_ms, "ms", 1);
     $("s-dropped").textContent = `${s.frames_dropped} / ${s.frames_repeated}`;
     $("s-latency").textContent = fmt(s.output_latency_ms, "ms");
+    const b = s.latency_budget_ms && s.latency_budget_ms.p50;  // audio in -> frame out, per stage
+    $("s-budget").textContent = b ? `audio ${b.audio_wait.toFixed(0)} + pose ${b.stage1.toFixed(0)} + render `
+      + `${b.stage2.toFixed(0)} + decode ${b.decode.toFixed(0)} + playout ${b.playout.toFixed(0)} ms `
+      + `(measured ${b.total.toFixed(0)} ms)` : "-";
     $("s-input").textContent = `${s.input.received_seconds.toFixed(1)} s (${s.input.source}), peak ${s.input.peak.toFixed(2)}`;
     const sp = s.speech;
     $("s-speech").textContent = sp.tts ? `${sp.queued} / ${sp.playing || "-"} / ${sp.utterances.done} / ${sp.utterances.interrupted}`
