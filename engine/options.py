@@ -2,26 +2,35 @@
 
 Used by ``engine/cli.py`` (render, demo), ``engine/batch/cli.py`` and ``streaming/cli.py``. Building a parser must
 stay cheap (``engine --help`` and every argument error run it), so this module imports only the standard library,
-``engine.settings`` and ``mmgt.config`` (plain dataclasses) at module level; numpy and PIL are imported inside
-:func:`read_image`, ``engine.source_audio`` (whose module level is standard library only) inside
-:func:`add_audio_bitrate_flag`.
+``engine.settings``, ``engine.preflight`` and ``mmgt.config`` (plain dataclasses) at module level; numpy and PIL are
+imported inside :func:`read_image`, PyAV inside :func:`read_audio` (no torch: a bad file is found before the models
+load), ``engine.source_audio`` (whose module level is standard library only) inside :func:`add_audio_bitrate_flag`.
+SIGTERM is turned into an interruption like Ctrl-C (:func:`sigterm_as_interrupt`), exit 143 instead of 130.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
+import signal
+import threading
 from pathlib import Path
+from typing import Iterator
 
+from engine.preflight import CLIError, check_settings
 from engine.settings import OFFLINE, RenderSettings
 
 ASSETS = Path(__file__).resolve().parent / "assets"  # the bundled portrait and speech (engine demo, engine serve)
 BITRATE_RANGE = (8_000, 1_536_000)  # accepted --audio-bitrate values, bits/s
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line on stderr (which flag, what is wrong), exit code 2; not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,15 +125,22 @@ def add_audio_bitrate_flag(g) -> None:
 
 
 def settings_from(args, base: RenderSettings = OFFLINE) -> RenderSettings:
-    """``base`` with the settings flags the user gave (unset flags keep the preset's value)."""
-    return base.with_(steps=args.steps, guidance=args.guidance, smga_steps=args.smga_steps,
-                      smga_guidance=args.smga_guidance, seed=args.seed, window=args.window, hop=args.hop,
-                      crossfade=args.crossfade, chunk=args.chunk, overlap=args.overlap)
+    """``base`` with the settings flags the user gave (unset flags keep the preset's value), every value checked
+    (CLIError naming the flag: engine/preflight.py)."""
+    return check_settings(base.with_(steps=args.steps, guidance=args.guidance, smga_steps=args.smga_steps,
+                                     smga_guidance=args.smga_guidance, seed=args.seed, window=args.window,
+                                     hop=args.hop, crossfade=args.crossfade, chunk=args.chunk, overlap=args.overlap))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs, outputs, logging
 # ----------------------------------------------------------------------------------------------------------------
+def add_overwrite_flag(g) -> None:
+    """--overwrite on a parser or argument group (render, demo)."""
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file (it is replaced only once the new video is complete)")
+
+
 def read_image(path: Path):
     """The image at ``path`` as a uint8 RGB array (H, W, 3); CLIError naming the file when it cannot be read."""
     import numpy as np
@@ -139,15 +155,52 @@ def read_image(path: Path):
         raise CLIError(f"{path}: not a readable image ({e})") from e
 
 
-def check_output(path: Path) -> None:
-    """An output file can be written at ``path`` (its folder exists and is writable, it is not a folder)."""
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise CLIError(f"{path}: output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CLIError(f"{path}: output directory {parent} is not writable")
-    if path.is_dir():
-        raise CLIError(f"{path}: is a directory; give a file name ending in .mp4")
+def read_audio(path: Path):
+    """(the model's 16 kHz mono float32 copy (N,), the SourceAudio the mp4 carries) of an audio file; CLIError naming
+    the file when it cannot be used. Short or truncated audio is rendered with a warning naming its duration. Imports
+    no torch: a bad file is found before the models load."""
+    from engine.preflight import audio_warnings
+    from engine.source_audio import SourceAudio
+    from mmgt.audio_io import AudioError, load_audio
+    from mmgt.config import AUDIO_SAMPLE_RATE
+
+    try:
+        audio = load_audio(path)  # (N,)
+        source = SourceAudio.probe(path)
+    except AudioError as e:
+        raise CLIError(str(e)) from e
+    for warning in audio_warnings(path, len(audio) / AUDIO_SAMPLE_RATE, source.declared_seconds):
+        logging.getLogger("engine").warning("%s", warning)
+    return audio, source
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so every cleanup path of an interrupted
+    run is taken (workers joined, temp files removed); the command then exits 143 instead of 130."""
+
+
+def interrupt_exit_code(e: KeyboardInterrupt) -> int:
+    """128 + the signal: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread while the block runs; a second SIGTERM kills
+    at once (what it leaves is cleaned up by the next run). A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
@@ -163,5 +216,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
             os.environ.setdefault(env, "error")
 
 
-__all__ = ["ASSETS", "BITRATE_RANGE", "CLIError", "add_model_flags", "add_settings_flags", "add_backend_flags",
-           "add_audio_bitrate_flag", "parse_bitrate", "settings_from", "read_image", "check_output", "setup_logging"]
+__all__ = ["ASSETS", "BITRATE_RANGE", "CLIError", "OneLineParser", "add_model_flags", "add_settings_flags",
+           "add_backend_flags", "add_audio_bitrate_flag", "parse_bitrate", "settings_from", "add_overwrite_flag",
+           "read_image", "read_audio", "Terminated",
+           "interrupt_exit_code", "sigterm_as_interrupt", "setup_logging"]

@@ -252,11 +252,11 @@ class Runner:
                   ("stage2", _RenderStage(self, metrics), QUEUE_SIZES["stage2"]),
                   ("decode", lambda result: self._decode(result, metrics), QUEUE_SIZES["decode"]),
                   ("sink", deliver, QUEUE_SIZES["sink"])]
-        sink.open(RunMeta(fps=FPS, width=cfg.resolution, height=cfg.resolution,
-                          audio_samples=len(buf) if total_frames is not None else 0, sample_rate=AUDIO_SAMPLE_RATE,
-                          preset=cfg.name, trained=cfg.trained))
         ok, workers = False, []
         try:  # from here on, an interruption (Ctrl-C, SIGTERM) at any point stops and joins every worker started
+            sink.open(RunMeta(fps=FPS, width=cfg.resolution, height=cfg.resolution,
+                              audio_samples=len(buf) if total_frames is not None else 0,
+                              sample_rate=AUDIO_SAMPLE_RATE, preset=cfg.name, trained=cfg.trained))
             out, workers = chain(stages, windows, overlapped=self.overlapped, stop=self._stop,
                                  on_item=metrics.on_item, setup=self._on_stream)
             for _ in out:  # the sink stage's batches: everything has happened by the time they come out

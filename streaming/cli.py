@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 
 from engine.options import ASSETS, CLIError, add_model_flags, add_settings_flags, read_image, settings_from
-from engine.settings import LIVE
+from engine.preflight import check_model_flags, live_settings
+from engine.settings import LIVE, LIVE_CPU
 
 log = logging.getLogger("engine.serve")
 
@@ -103,6 +104,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_serve(args) -> int:
     """Load the models and the avatar once, then serve until Ctrl-C."""
+    # 1. the flags, before anything heavy is imported (the settings are checked against the base this machine gets)
+    check_model_flags(args)
+    name, base, why = live_settings(args.device)
+    settings = settings_from(args, base)
     try:  # the optional live stack: a clear message instead of a traceback when it is missing
         import aiohttp  # noqa: F401
         import aiortc  # noqa: F401
@@ -110,10 +115,14 @@ def cmd_serve(args) -> int:
         raise CLIError(f"`engine serve` needs aiohttp and aiortc ({e}); pip install aiohttp aiortc") from e
     from engine.models import load_model_set, prepare_avatar, resolve_device
     from streaming.server import ServerConfig, serve
-    from streaming.session import CPU_LIVE, SessionOptions, min_queue_frames
+    from streaming.session import SessionOptions, min_queue_frames
 
-    device = resolve_device(args.device)
-    settings = settings_from(args, LIVE if device.startswith("cuda") else CPU_LIVE)
+    # 2. torch decides the device; a driver it cannot use (a CPU build of torch) means the CPU settings after all
+    if resolve_device(args.device).startswith("cuda") != (base is LIVE):
+        name, base, why = ("LIVE", LIVE, "torch sees a GPU") if base is not LIVE else ("LIVE_CPU", LIVE_CPU,
+                                                                                      "torch sees no GPU")
+        settings = settings_from(args, base)
+    log.info("live settings: %s (%s), with the flags given: %s", name, why, settings)
     try:
         queue = args.queue_frames or max(100, min_queue_frames(settings))
         options = SessionOptions(settings=settings, queue_frames=queue, start_margin=args.start_margin)

@@ -28,9 +28,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from engine.batch.run import run_batch, sigterm_as_interrupt
+from engine.batch.run import run_batch
 from engine.options import (CLIError, add_audio_bitrate_flag, add_backend_flags, add_model_flags, add_settings_flags,
-                            setup_logging)
+                            interrupt_exit_code, setup_logging, sigterm_as_interrupt)
+from engine.preflight import check_device
 from engine.settings import OFFLINE
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ def cmd_batch(args) -> int:
     """`engine batch`: exit code 0 when every job is rendered or skipped, 1 when one failed."""
     if args.gpus_per_job < 0 or args.cpus_per_job < 0 or args.ray_num_cpus < 1 or (args.threads or 1) < 1:
         raise CLIError("--gpus-per-job and --cpus-per-job must be >= 0, --ray-num-cpus and --threads >= 1")
+    if not args.ray:  # Ray workers run on other machines: their devices are theirs
+        check_device(args.device)
     if args.gpus_per_job and not args.ray:
         log.warning("--gpus-per-job applies to Ray tasks only; without --ray jobs run here on --device")
     with sigterm_as_interrupt():
@@ -91,9 +94,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CLIError as e:
         print(f"engine batch: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("engine batch: interrupted; no partial output was left", file=sys.stderr)
-        return 130
+        return interrupt_exit_code(e)
 
 
 

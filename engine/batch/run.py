@@ -4,22 +4,19 @@ once), render the rest here or on Ray, write each job's report, print the summar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import signal
-import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from engine.batch.fingerprint import (JobInputError, complete_report, file_digest, fingerprint, model_identity,
                                       write_json)
 from engine.batch.job import MODEL_KEYS, JobPayload, run_job
 from engine.batch.manifest import Job, read_manifest
 from engine.batch.ray_exec import run_on_ray
-from engine.options import CLIError, settings_from
+from engine.options import CLIError, settings_from, sigterm_as_interrupt  # noqa: F401 (re-exported)
 from engine.settings import OFFLINE, RenderSettings
 
 log = logging.getLogger(__name__)
@@ -145,31 +142,13 @@ def format_summary(items: List[_Item], out_dir: Path) -> str:
     return "\n".join([*(line(row) for row in rows), f"{tail} (reports in {out_dir})"])
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt (as Ctrl-C does), so the runner discards the temp mp4 of the job in
-    progress; a second SIGTERM kills at once (its temp file is removed by the next run of that job)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def run_batch(args) -> Tuple[int, List[_Item]]:
     """The whole command: (exit code, items with their reports). Prints the summary table."""
     from tqdm import tqdm
 
     # 1. manifest, output folder, settings: every problem here is a one-line error before any work
     jobs = read_manifest(args.manifest)
+    base = settings_from(args, OFFLINE)
     out_dir = Path(args.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +158,6 @@ def run_batch(args) -> Tuple[int, List[_Item]]:
         raise CLIError(f"--out-dir {out_dir}: not writable")
     out_dir = out_dir.resolve()
     model = model_identity(args)
-    base = settings_from(args, OFFLINE)
     # 2. plan: digests, skips, missing inputs
     items = _plan(jobs, out_dir, base, model, args.force)
     todo = [it for it in items if it.report is None]

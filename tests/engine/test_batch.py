@@ -290,7 +290,7 @@ def test_sigterm_mid_job_leaves_no_partial_mp4_and_the_next_run_completes(tmp_pa
         if proc.poll() is None:
             proc.kill()
         log.close()
-    assert rc == 130, (tmp_path / "stderr.txt").read_text()
+    assert rc == 143, (tmp_path / "stderr.txt").read_text()
     assert "interrupted" in (tmp_path / "stderr.txt").read_text()
     assert not (out_dir / "long.mp4").exists()
     assert not list(out_dir.glob(".long.mp4.*")), "the temp file was removed"
