@@ -97,6 +97,8 @@ def cmd_demo(args) -> int:
 
 def cmd_export(args) -> int:
     """`engine export`: export.cli runs it, with the networks engine.models loads (export imports no engine)."""
+    if args.out.exists() and not args.out.is_dir():  # before export.cli imports the model stack
+        raise CLIError(f"--out {args.out}: is a file; export writes a directory of artifacts there")
     from export.cli import run_export
 
     return run_export(args, functools.partial(export_model_set, args))

@@ -198,8 +198,6 @@ def _run(args, load_models: ModelLoader, out: TextIO, err: TextIO) -> int:
         raise ExportUsageError("--force and --no-build contradict each other")
     if args.opset < 17:
         raise ExportUsageError(f"--opset must be >= 17, got {args.opset}")
-    if args.out.exists() and not args.out.is_dir():
-        raise ExportUsageError(f"--out {args.out}: is a file; export writes a directory of artifacts there")
     unknown = [n for n in (args.only or ()) if n not in NETWORKS]
     if unknown:
         raise ExportUsageError(f"unknown network(s) {', '.join(unknown)}; known: {', '.join(NETWORKS)}")
