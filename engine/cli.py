@@ -25,9 +25,10 @@ from typing import Optional, Sequence
 from engine.batch.cli import add_batch_parser
 from engine.doctor import add_doctor_parser
 from engine.models import export_model_set, load_model_set, prepare_avatar
-from engine.options import (ASSETS, CLIError, OneLineParser, add_audio_bitrate_flag, add_backend_flags,
-                            add_model_flags, add_overwrite_flag, add_settings_flags, interrupt_exit_code, read_audio,
-                            read_image, settings_from, setup_logging, sigterm_as_interrupt)
+from engine.options import (ASSETS, CLIError, DefaultsHelpFormatter, OneLineParser, add_audio_bitrate_flag,
+                            add_backend_flags, add_model_flags, add_overwrite_flag, add_settings_flags,
+                            interrupt_exit_code, read_audio, read_image, settings_from, setup_logging,
+                            sigterm_as_interrupt)
 from engine.preflight import check_model_flags, check_output
 from engine.settings import OFFLINE
 from engine.weights_cmd import add_weights_parser
@@ -110,7 +111,7 @@ def cmd_export(args) -> int:
 def add_render_parser(sub) -> argparse.ArgumentParser:
     """`engine render`."""
     r = sub.add_parser("render", help="render audio + one image into an mp4 (any length)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=DefaultsHelpFormatter,
                        description="Render a talking, gesturing upper-body video of the person in --image speaking "
                                    "--audio. Stage I (SMGA) turns audio into poses window by window while Stage II "
                                    "renders the previous window; the mp4 (H.264 + the source's own audio at its sample "
@@ -136,7 +137,7 @@ def add_render_parser(sub) -> argparse.ArgumentParser:
 def add_demo_parser(sub) -> argparse.ArgumentParser:
     """`engine demo`: render with the bundled inputs."""
     d = sub.add_parser("demo", help="render the bundled portrait and speech (no download, tiny preset)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     d.add_argument("--out", type=Path, default=Path("demo.mp4"), help="output .mp4 path")
     d.add_argument("--metrics-json", type=Path, help="write the run's metrics here")
     add_overwrite_flag(d)
@@ -161,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     # one line per sub-command
     add_render_parser(sub)
     add_demo_parser(sub)
-    add_export_parser(sub).set_defaults(func=cmd_export)
+    export = add_export_parser(sub)
+    export.set_defaults(func=cmd_export)
+    export.formatter_class = DefaultsHelpFormatter  # one default per flag (export imports nothing of the engine)
     add_serve_parser(sub)
     add_batch_parser(sub)
     add_weights_parser(sub)

@@ -26,6 +26,21 @@ ASSETS = Path(__file__).resolve().parent / "assets"  # the bundled portrait and 
 BITRATE_RANGE = (8_000, 1_536_000)  # accepted --audio-bitrate values, bits/s
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Each flag's help names its default once: "(default: X)" is added only where the help text does not already
+    say what the default is, and never for a default of None or False (an unset optional flag, a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class RawDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+    """DefaultsHelpFormatter for a parser whose description and epilog are laid out by hand."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An argument error is one line on stderr (which flag, what is wrong), exit code 2; not the usage block."""
 
@@ -71,22 +86,38 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "give equal frames")
 
 
-def add_settings_flags(p: argparse.ArgumentParser, base: RenderSettings) -> None:
+def add_settings_flags(p: argparse.ArgumentParser, base: RenderSettings, name: str = "OFFLINE") -> None:
     """--steps, --guidance, --smga-steps, --smga-guidance, --seed, --window, --hop, --crossfade, --chunk, --overlap;
-    the help names ``base``'s defaults (OFFLINE for render and batch, LIVE for serve)."""
-    g = p.add_argument_group("scheduling and sampling (defaults from engine/settings.py)")
-    g.add_argument("--steps", type=int, help="Stage II denoising steps (default: the preset's; reference quality 30)")
-    g.add_argument("--guidance", type=float,
-                   help="Stage II classifier-free guidance scale (1.0 = off, one UNet pass; reference 3.5)")
-    g.add_argument("--smga-steps", type=int, help="Stage I (pose) DDIM steps (default: the preset's; reference 50)")
-    g.add_argument("--smga-guidance", type=float, help="Stage I guidance weight (reference 2.0)")
-    g.add_argument("--seed", type=int, help=f"noise seed; the same seed gives the same frames (default {base.seed})")
-    g.add_argument("--window", type=int, help=f"SMGA window in frames (default {base.window} = 3.2 s)")
-    g.add_argument("--hop", type=int, help=f"frames between SMGA windows (default {base.hop})")
-    g.add_argument("--crossfade", type=int, help=f"pose seam frames blended between windows (default {base.crossfade})")
+    each help names its default once: ``base``'s value (engine/settings.py ``name``: OFFLINE for render and batch,
+    this machine's live settings for serve), or where ``base`` leaves it to the model, the presets' values
+    (mmgt/config.py)."""
+    from mmgt.config import PRESETS
+
+    def preset_default(value, per_preset, reference: str) -> str:
+        if value is not None:
+            return f"default {value}"
+        values = ", ".join(f"{n} {per_preset(cfg)}" for n, cfg in sorted(PRESETS.items()))
+        return f"default: the preset's, {values}; {reference}"
+
+    g = p.add_argument_group(f"scheduling and sampling (defaults: engine/settings.py {name})")
+    g.add_argument("--steps", type=int, help="Stage II denoising steps "
+                   f"({preset_default(base.steps, lambda c: c.sampler.steps, 'reference quality 30')})")
+    g.add_argument("--guidance", type=float, help="Stage II classifier-free guidance scale, 1 = off (one UNet pass) "
+                   f"({preset_default(base.guidance, lambda c: c.sampler.guidance, 'reference 3.5')})")
+    g.add_argument("--smga-steps", type=int, help="Stage I (pose) DDIM steps "
+                   f"({preset_default(base.smga_steps, lambda c: c.smga.sample_steps, 'reference 50')})")
+    g.add_argument("--smga-guidance", type=float, help="Stage I guidance weight "
+                   f"({preset_default(base.smga_guidance, lambda c: c.smga.guidance, 'reference 2.0')})")
+    g.add_argument("--seed", type=int, help=f"noise seed in [0, 2^63); the same seed gives the same frames "
+                                            f"(default {base.seed})")
+    g.add_argument("--window", type=int, help=f"SMGA window in frames (default {base.window} = "
+                                              f"{base.window / 25:g} s)")
+    g.add_argument("--hop", type=int, help=f"frames between SMGA windows, <= --window (default {base.hop})")
+    g.add_argument("--crossfade", type=int,
+                   help=f"pose seam frames blended between windows, <= --window - --hop (default {base.crossfade})")
     g.add_argument("--chunk", type=int, help=f"Stage II frames per render chunk, <= 32 (default {base.chunk})")
     g.add_argument("--overlap", type=int,
-                   help=f"frames a chunk takes over from the previous one (default {base.overlap})")
+                   help=f"frames a chunk takes over from the previous one, < --chunk (default {base.overlap})")
 
 
 def add_backend_flags(p: argparse.ArgumentParser) -> None:
@@ -216,7 +247,8 @@ def setup_logging(verbose: int, quiet: bool) -> None:
             os.environ.setdefault(env, "error")
 
 
-__all__ = ["ASSETS", "BITRATE_RANGE", "CLIError", "OneLineParser", "add_model_flags", "add_settings_flags",
+__all__ = ["ASSETS", "BITRATE_RANGE", "CLIError", "DefaultsHelpFormatter", "RawDefaultsHelpFormatter",
+           "OneLineParser", "add_model_flags", "add_settings_flags",
            "add_backend_flags", "add_audio_bitrate_flag", "parse_bitrate", "settings_from", "add_overwrite_flag",
            "read_image", "read_audio", "Terminated",
            "interrupt_exit_code", "sigterm_as_interrupt", "setup_logging"]

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import textwrap
 from pathlib import Path
 
-from engine.options import ASSETS, CLIError, add_model_flags, add_settings_flags, read_image, settings_from
+from engine.options import (ASSETS, CLIError, RawDefaultsHelpFormatter, add_model_flags, add_settings_flags,
+                            read_image, settings_from)
 from engine.preflight import check_model_flags, live_settings
 from engine.settings import LIVE, LIVE_CPU
 
@@ -59,17 +62,32 @@ def _positive(text: str) -> int:
     return value
 
 
+def _describe(s) -> str:
+    """The numbers of a live settings preset, in a few words."""
+    steps = "the preset's denoising steps" if s.steps is None else f"{s.steps} denoising step{'s' * (s.steps != 1)}"
+    return (f"hop {s.hop}, lookahead {s.lookahead}, chunk {s.chunk}, overlap {s.overlap}, {steps}, "
+            f"{s.smga_steps} pose steps")
+
+
+def _fill(text: str) -> str:
+    """A paragraph of a hand-laid-out help text, wrapped as argparse wraps the rest."""
+    return textwrap.fill(text, max(40, shutil.get_terminal_size().columns - 2))
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `serve` command to the `engine` command line."""
+    name, base, why = live_settings()  # on this machine, decided without torch (a GPU driver or not)
     p = subparsers.add_parser(
         "serve", help="live avatar over WebRTC: a demo page, microphone or file in, avatar video + audio out",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=REACH,
-        description="Serve the live presenter: open http://HOST:PORT/ in a browser, press start, speak (or pick an "
-                    "audio file); the avatar video and the matching audio come back over WebRTC, on one media "
-                    "clock. While nobody speaks the avatar idles. Models and the avatar image are loaded once and "
-                    "shared by all sessions; each session renders in its own threads. Scheduling defaults: "
-                    "engine/settings.py LIVE on a GPU; on a CPU the cheaper engine/settings.py LIVE_CPU (hop 40, "
-                    "chunk 32, overlap 4, 1 step, 2 pose steps); the flags below override either.")
+        formatter_class=RawDefaultsHelpFormatter, epilog=REACH,
+        description=_fill(
+            "Serve the live presenter: open http://HOST:PORT/ in a browser, press start, speak (or pick an audio "
+            "file); the avatar video and the matching audio come back over WebRTC, on one media clock. While nobody "
+            "speaks the avatar idles. Models and the avatar image are loaded once and shared by all sessions; each "
+            "session renders in its own threads.") + "\n\n" + _fill(
+            f"Scheduling on this machine: engine/settings.py {name} ({_describe(base)}), because {why}. "
+            f"engine/settings.py LIVE is for a GPU ({_describe(LIVE)}), LIVE_CPU for a CPU ({_describe(LIVE_CPU)}); "
+            "--device picks the other one, and the flags below override single values."))
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1",
                      help="HTTP bind address for the page and signalling (default 127.0.0.1: this machine only; "
@@ -97,7 +115,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     live.add_argument("--start-margin", type=float, default=0.25,
                       help="playout delay after the first frame, absorbs render jitter (seconds, default 0.25)")
     add_model_flags(p)
-    add_settings_flags(p, LIVE)
+    add_settings_flags(p, base, name)
     p.set_defaults(func=cmd_serve)
     return p
 

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from engine.batch.run import run_batch
-from engine.options import (CLIError, add_audio_bitrate_flag, add_backend_flags, add_model_flags, add_settings_flags,
-                            interrupt_exit_code, setup_logging, sigterm_as_interrupt)
+from engine.options import (CLIError, RawDefaultsHelpFormatter, add_audio_bitrate_flag, add_backend_flags,
+                            add_model_flags, add_settings_flags, interrupt_exit_code, setup_logging,
+                            sigterm_as_interrupt)
 from engine.preflight import check_device
 from engine.settings import OFFLINE
 
@@ -73,7 +74,7 @@ def _add_batch_args(p: argparse.ArgumentParser) -> None:
 def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     """Register `engine batch` on the CLI's subparsers."""
     p = subparsers.add_parser("batch", help="render many jobs from a manifest (resumable; optional Ray fan-out)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=RawDefaultsHelpFormatter)
     _add_batch_args(p)
     p.set_defaults(func=cmd_batch)
     return p
@@ -83,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """`python -m engine.batch MANIFEST --out-dir DIR ...`: the batch command on its own (same flags and exit
     codes as `engine batch`)."""
     ap = argparse.ArgumentParser(prog="engine batch", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=RawDefaultsHelpFormatter)
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     _add_batch_args(ap)
