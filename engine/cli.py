@@ -26,10 +26,10 @@ from engine.batch.cli import add_batch_parser
 from engine.doctor import add_doctor_parser
 from engine.models import export_model_set, load_model_set, prepare_avatar
 from engine.options import (ASSETS, CLIError, DefaultsHelpFormatter, OneLineParser, add_audio_bitrate_flag,
-                            add_backend_flags, add_model_flags, add_overwrite_flag, add_settings_flags,
+                            add_backend_flags, add_model_flags, add_output_flags, add_settings_flags,
                             interrupt_exit_code, read_audio, read_image, settings_from, setup_logging,
                             sigterm_as_interrupt)
-from engine.preflight import check_model_flags, check_output
+from engine.preflight import check_model_flags, check_output, check_segment_seconds
 from engine.settings import OFFLINE
 from engine.weights_cmd import add_weights_parser
 
@@ -48,6 +48,7 @@ def _render(args, image_path: Path, audio_path: Path) -> int:
     # 1. every input is checked before anything heavy is imported or a model is loaded: a bad one costs a second
     settings = settings_from(args, OFFLINE)
     check_model_flags(args)
+    check_segment_seconds(args.segment_seconds)
     out = Path(args.out)
     check_output(out, args.overwrite)
     image = read_image(image_path)
@@ -60,12 +61,13 @@ def _render(args, image_path: Path, audio_path: Path) -> int:
             poses = load_pose_file(args.pose)
         except (OSError, ValueError) as e:
             raise CLIError(f"--pose {args.pose}: {e}") from e
-    # 2. models, avatar, run (every network call noted with its backend, for the metrics)
+    # 2. models, avatar, runner (every network call noted with its backend, for the metrics)
     from tqdm import tqdm
 
     from engine.metrics import CallLog
+    from engine.models import ModelOptions
+    from engine.resume import ResumableMp4Sink, Sidecar, fingerprint, model_identity
     from engine.runner import Runner
-    from engine.sinks import Mp4Sink
 
     call_log = CallLog()
     models = call_log.observe(load_model_set(args, settings))
@@ -75,13 +77,30 @@ def _render(args, image_path: Path, audio_path: Path) -> int:
     if _wants_warm_up(args):
         log.info("warming up (compile / graph capture) ...")
         runner.warm_up()
-    sink = Mp4Sink(out, source, audio_bitrate=args.audio_bitrate)
+    # 3. what an interrupted run of this very command kept beside the output, if anything: continue from there
+    sidecar = Sidecar(out)
+    inputs = {"image": image_path, "audio": audio_path, "pose": args.pose, "init_pose": args.init_pose}
+    key = fingerprint(inputs, settings, model_identity(ModelOptions.from_args(args), models))
+    saved = sidecar.load(key) if sidecar.exists() and not args.restart else None
+    sink = ResumableMp4Sink(out, source, sidecar, key, saved, audio_bitrate=args.audio_bitrate,
+                            segment_frames=max(1, round(args.segment_seconds * 25)))
+    start = saved.point if saved is not None else None
+    if start is not None:
+        log.info("resuming %s from frame %d (%d segments kept in %s)", out, start.frame, len(saved.segments),
+                 sidecar.dir)
+    # 4. the run: segments into the sidecar, joined with the source's audio into `out` at the end
     total = max(1, round(len(audio) * 25 / 16000))
-    with tqdm(total=total, unit="frame", desc=f"render {out.name}", disable=args.quiet or None) as bar:
-        report = runner.run(audio, sink, progress=bar.update)
+    try:
+        with tqdm(total=total, initial=start.frame if start else 0, unit="frame", desc=f"render {out.name}",
+                  disable=args.quiet or None) as bar:
+            report = runner.run(audio, sink, progress=bar.update, start=start)
+    except KeyboardInterrupt as e:
+        e.hint = sink.resume_hint()  # how to continue, for the one line the command prints
+        raise
     if args.metrics_json:
         report.to_json(args.metrics_json)
-    print(f"wrote {out}: {report.summary()}" + (f" [{report.note}]" if report.note else ""))
+    resumed = f" (resumed at frame {start.frame})" if start is not None else ""
+    print(f"wrote {out}{resumed}: {report.summary()}" + (f" [{report.note}]" if report.note else ""))
     return 0
 
 
@@ -114,9 +133,12 @@ def add_render_parser(sub) -> argparse.ArgumentParser:
                        formatter_class=DefaultsHelpFormatter,
                        description="Render a talking, gesturing upper-body video of the person in --image speaking "
                                    "--audio. Stage I (SMGA) turns audio into poses window by window while Stage II "
-                                   "renders the previous window; the mp4 (H.264 + the source's own audio at its sample "
-                                   "rate and channels, in sync) is written to a temporary file and renamed only when "
-                                   "complete.")
+                                   "renders the previous window. The video (H.264) is written in segments into "
+                                   ".OUT.resume/ beside OUT, with what is needed to continue exactly; at the end they "
+                                   "are joined with the source's own audio (its sample rate and channels, in sync) "
+                                   "into a temporary file renamed over OUT, and the folder is removed. An "
+                                   "interrupted render continues from its last complete segment when the same "
+                                   "command is run again (--restart starts over).")
     io = r.add_argument_group("input and output")
     io.add_argument("--image", type=Path, help="reference image of the person (any size; centre-cropped to square)")
     io.add_argument("--audio", type=Path, help="speech: any file PyAV reads (wav, mp3, flac, m4a, mp4 audio ...)")
@@ -125,7 +147,7 @@ def add_render_parser(sub) -> argparse.ArgumentParser:
     io.add_argument("--init-pose", type=Path, help="initial pose of the reference image (134, 3) instead of "
                     "DWPose / the built-in template")
     io.add_argument("--metrics-json", type=Path, help="write the run's metrics (latency, RTF, stage times) here")
-    add_overwrite_flag(io)
+    add_output_flags(io)
     add_audio_bitrate_flag(io)
     add_model_flags(r)
     add_settings_flags(r, OFFLINE)
@@ -140,7 +162,7 @@ def add_demo_parser(sub) -> argparse.ArgumentParser:
                        formatter_class=DefaultsHelpFormatter)
     d.add_argument("--out", type=Path, default=Path("demo.mp4"), help="output .mp4 path")
     d.add_argument("--metrics-json", type=Path, help="write the run's metrics here")
-    add_overwrite_flag(d)
+    add_output_flags(d)
     add_audio_bitrate_flag(d)
     add_model_flags(d)
     add_settings_flags(d, OFFLINE)

@@ -161,8 +161,9 @@ class RunMetrics:
 
 
 def describe(out: Any) -> Tuple[int, int]:
-    """(index, frames) of a stage output: a PoseWindow (window number), a StageIIResult or a FrameBatch (chunk
-    number)."""
+    """(index, frames) of a stage output: a PoseWindow (window number), a StageIIResult (alone or as the ``result``
+    of the runner's Stage II output) or a FrameBatch (chunk number)."""
+    out = getattr(out, "result", out)
     if hasattr(out, "emit_to"):  # StageIIResult: the chunk's new frames
         return int(out.index), int(out.emit_to - out.emit_from)
     return int(getattr(out, "index", -1)), int(getattr(out, "n_frames", 0))

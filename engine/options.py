@@ -166,10 +166,18 @@ def settings_from(args, base: RenderSettings = OFFLINE) -> RenderSettings:
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs, outputs, logging
 # ----------------------------------------------------------------------------------------------------------------
-def add_overwrite_flag(g) -> None:
-    """--overwrite on a parser or argument group (render, demo)."""
+def add_output_flags(g) -> None:
+    """--overwrite, --restart and --segment-seconds on a parser or argument group (render, demo)."""
+    from engine.resume import SEGMENT_SECONDS  # constants only: standard library at module level
+
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing output file (it is replaced only once the new video is complete)")
+    g.add_argument("--restart", action="store_true",
+                   help="start over: ignore what an interrupted render of this output kept in .<name>.mp4.resume/ "
+                        "(without it the same command continues from there)")
+    g.add_argument("--segment-seconds", type=float, default=SEGMENT_SECONDS, metavar="S",
+                   help="the video is written in segments of about S seconds beside the output and joined at the "
+                        "end; an interrupted render continues from its last complete segment")
 
 
 def read_image(path: Path):
@@ -249,6 +257,6 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 
 __all__ = ["ASSETS", "BITRATE_RANGE", "CLIError", "DefaultsHelpFormatter", "RawDefaultsHelpFormatter",
            "OneLineParser", "add_model_flags", "add_settings_flags",
-           "add_backend_flags", "add_audio_bitrate_flag", "parse_bitrate", "settings_from", "add_overwrite_flag",
+           "add_backend_flags", "add_audio_bitrate_flag", "parse_bitrate", "settings_from", "add_output_flags",
            "read_image", "read_audio", "Terminated",
            "interrupt_exit_code", "sigterm_as_interrupt", "setup_logging"]

@@ -64,6 +64,12 @@ def check_settings(s: RenderSettings, max_chunk: int = 32) -> RenderSettings:
     return s
 
 
+def check_segment_seconds(seconds: float) -> None:
+    """--segment-seconds is a positive number of seconds (at least one frame)."""
+    if not (math.isfinite(seconds) and seconds >= 0.04):
+        raise CLIError(f"--segment-seconds must be >= 0.04 (one frame), got {seconds}")
+
+
 def check_model_flags(args) -> None:
     """The model flags a command has: --threads >= 1 and a --device this machine has."""
     threads = getattr(args, "threads", None)
@@ -163,5 +169,5 @@ def audio_warnings(path: Path, decoded_seconds: float, declared_seconds: Optiona
     return out
 
 
-__all__ = ["CLIError", "SEED_LIMIT", "check_settings", "check_model_flags", "gpu_present", "live_settings",
-           "check_device", "check_output", "audio_warnings"]
+__all__ = ["CLIError", "SEED_LIMIT", "check_settings", "check_segment_seconds", "check_model_flags", "gpu_present",
+           "live_settings", "check_device", "check_output", "audio_warnings"]

@@ -21,6 +21,11 @@ torch.compile, CUDA-graph capture) before a run, outside its latency.
 
 A Runner holds one session's state (avatar, settings, its stop flag); the model set it runs on is shared and
 stateless, so any number of Runners (sessions, batch jobs, threads) use one model set at once.
+
+Every chunk's frames leave with a ``ResumePoint`` (engine/types.py): what a run needs to continue exactly after them
+(Stage I's state before the pose window holding the next chunk, the overlap latents, the positions). ``run(...,
+start=point)`` continues from one, giving the frames a run from the beginning gives (engine/resume.py keeps the
+points of a long render beside its output).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict
-from typing import Callable, Iterable, Iterator, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,7 +49,7 @@ from .metrics import CallLog, RunMetrics, RunReport, StageEvent, steady_fps
 from .scheduler import (RenderChunk, StreamChunkPlanner, StreamPlanner, Window, crossfade_weights, frames_for_samples,
                         plan_windows)
 from .settings import OFFLINE, RenderSettings
-from .types import AudioChunk, FrameBatch, FrameSink, PoseWindow, RunMeta
+from .types import AudioChunk, FrameBatch, FrameSink, PoseState, PoseWindow, ResumePoint, RunMeta
 from .workers import chain, close_all
 
 log = logging.getLogger(__name__)
@@ -108,11 +113,12 @@ class _FrameStore:
     Windows are appended whole; a render chunk takes a slice (the frames past the newest are padded with the newest,
     as the last chunk of a stream is); frames behind the next chunk's start are dropped."""
 
-    def __init__(self) -> None:
-        self.base = 0  # global frame of row 0
+    def __init__(self, base: int = 0) -> None:
+        self.base = base  # global frame of row 0 (a resumed run starts at its first pose window's)
         self.frames: Optional[np.ndarray] = None  # (N, R, R, 3) uint8
         self.masks: Tuple[np.ndarray, ...] = ()  # per MM-HAA level (N, 3, h*w)
         self.tokens: Optional[torch.Tensor] = None  # (N, T, D) on the model's device
+        self.poses: List[Tuple[int, Optional[PoseState]]] = []  # (first frame, Stage I's state before) per window
 
     @property
     def end(self) -> int:
@@ -122,6 +128,7 @@ class _FrameStore:
     def push(self, pw: PoseWindow) -> None:
         if pw.first_frame != self.end:
             raise RuntimeError(f"Stage I gap: window {pw.index} starts at frame {pw.first_frame}, expected {self.end}")
+        self.poses.append((pw.first_frame, pw.before))
         if self.frames is None:
             self.frames, self.masks, self.tokens = pw.pose_frames, tuple(pw.masks), pw.audio_tokens
             return
@@ -135,12 +142,18 @@ class _FrameStore:
         tokens = self.tokens[torch.from_numpy(idx).to(self.tokens.device)]  # (n, T, D)
         return self.frames[idx], tuple(m[idx] for m in self.masks), tokens
 
+    def pose_state_at(self, frame: int) -> Optional[PoseState]:
+        """Stage I's state before the stored window that holds ``frame``."""
+        return next(state for first, state in reversed(self.poses) if first <= frame)
+
     def drop_before(self, frame: int) -> None:
         cut = max(0, min(frame - self.base, self.end - self.base))
         if cut:
             self.frames, self.tokens = self.frames[cut:], self.tokens[cut:]
             self.masks = tuple(m[cut:] for m in self.masks)
             self.base += cut
+        while len(self.poses) > 1 and self.poses[1][0] <= self.base:  # keep the window holding the base
+            self.poses.pop(0)
 
 
 def _cuda_event():
@@ -196,15 +209,24 @@ class Runner:
         """Ask a running ``run``/``run_stream`` to stop; it raises RenderCancelled after closing the sink."""
         self._stop.set()
 
-    def run(self, audio: np.ndarray, sink: FrameSink, progress: Optional[Callable[[int], None]] = None) -> RunReport:
-        """Offline: the whole waveform (16 kHz mono float32) is known; every window reads its full W frames."""
+    def run(self, audio: np.ndarray, sink: FrameSink, progress: Optional[Callable[[int], None]] = None,
+            start: Optional[ResumePoint] = None) -> RunReport:
+        """Offline: the whole waveform (16 kHz mono float32) is known; every window reads its full W frames.
+
+        ``start``: continue from that point of an earlier run with these settings and inputs (the ``resume`` of
+        one of its FrameBatches): the first frame out is ``start.frame``, and every frame equals the same frame of
+        a run from the beginning."""
         audio = np.asarray(audio, np.float32)
         s = self.settings
         total = frames_for_samples(len(audio), AUDIO_SAMPLE_RATE, FPS)
         windows = plan_windows(total, s.window, s.hop, s.crossfade, lookahead_frames=s.lookahead)
+        if start is not None:
+            log.info("resuming at frame %d (render chunk %d, pose window %d)", start.frame, start.chunk,
+                     start.pose.window)
+            windows = windows[start.pose.window:]
         t0 = time.perf_counter()
         return self._execute(((w, t0) for w in windows), _AudioBuffer(audio), sink, t0, total_frames=total,
-                             progress=progress)
+                             progress=progress, start=start)
 
     def run_stream(self, chunks: Iterable[AudioChunk], sink: FrameSink,
                    progress: Optional[Callable[[int], None]] = None, keep_seconds: float = 60.0) -> RunReport:
@@ -235,7 +257,7 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------------------------
     def _execute(self, windows: Iterable[Tuple[Window, float]], buf: _AudioBuffer, sink: FrameSink, t0: float,
-                 total_frames: Optional[int], progress) -> RunReport:
+                 total_frames: Optional[int], progress, start: Optional[ResumePoint] = None) -> RunReport:
         cfg, s = self.models.cfg, self.settings
         cuda = torch.device(self.models.device).type == "cuda"
         report = RunReport(settings=asdict(s), preset=cfg.name, trained=cfg.trained,
@@ -248,9 +270,9 @@ class Runner:
                 progress(batch.n_frames)
             yield batch
 
-        stages = [("stage1", _PoseStage(self, buf, metrics), s.queue_size),
-                  ("stage2", _RenderStage(self, metrics), QUEUE_SIZES["stage2"]),
-                  ("decode", lambda result: self._decode(result, metrics), QUEUE_SIZES["decode"]),
+        stages = [("stage1", _PoseStage(self, buf, metrics, start), s.queue_size),
+                  ("stage2", _RenderStage(self, metrics, start), QUEUE_SIZES["stage2"]),
+                  ("decode", lambda rendered: self._decode(rendered, metrics), QUEUE_SIZES["decode"]),
                   ("sink", deliver, QUEUE_SIZES["sink"])]
         ok, workers = False, []
         try:  # from here on, an interruption (Ctrl-C, SIGTERM) at any point stops and joins every worker started
@@ -284,11 +306,13 @@ class Runner:
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     @torch.no_grad()
-    def _decode(self, result: P.StageIIResult, metrics: RunMetrics) -> Iterator[FrameBatch]:
+    def _decode(self, rendered: "_Rendered", metrics: RunMetrics) -> Iterator[FrameBatch]:
         """Decode: the new frames of a denoised chunk -> a FrameBatch (its host copy syncs this stage's stream only)."""
+        result = rendered.result
         with _after(result.ready, result.latents), metrics.gpu_span("decode"):
             frames = P.decode(self.models, result.new_latents)  # (n_new, R, R, 3) uint8
-        yield FrameBatch(frames=frames, first_frame=result.first_frame + result.emit_from, fps=FPS, index=result.index)
+        yield FrameBatch(frames=frames, first_frame=result.first_frame + result.emit_from, fps=FPS, index=result.index,
+                         resume=rendered.resume)
 
     # ------------------------------------------------------------------------------------------------------------
     def warm_up(self) -> float:
@@ -349,10 +373,10 @@ def _for_settings(models: P.ModelSet, settings: RenderSettings) -> P.ModelSet:
 class _PoseStage:
     """Stage I of one run: (Window, audio-ready time) -> PoseWindow. Keeps the previous window for the seam."""
 
-    def __init__(self, runner: Runner, buf: _AudioBuffer, metrics: RunMetrics):
+    def __init__(self, runner: Runner, buf: _AudioBuffer, metrics: RunMetrics, start: Optional[ResumePoint] = None):
         self.runner, self.buf, self.metrics = runner, buf, metrics
-        self.prev_vec: Optional[np.ndarray] = None  # (W, 402) previous window's SMGA output
-        self.prev_start = 0
+        self.prev_vec: Optional[np.ndarray] = start.pose.prev_vec if start else None  # (W, 402) previous window's
+        self.prev_start = start.pose.prev_start if start else 0  # SMGA output, and its first frame
 
     @torch.no_grad()
     def __call__(self, item: Tuple[Window, float]) -> Iterator[PoseWindow]:
@@ -360,12 +384,13 @@ class _PoseStage:
         self.metrics.audio_ready(ready_at)
         r = self.runner
         m, s = r.models, r.settings
+        before = PoseState(w.index, self.prev_vec, self.prev_start)  # what restarting at this window needs
         # 1. the window's audio: W frames from its start, zero past what it may read (padding / lookahead)
         wav = self.buf.read(w.audio_start, w.audio_start + w.n_frames * SAMPLES_PER_FRAME)  # (W * 640,)
         wav[w.audio_end - w.audio_start:] = 0.0
         if r.poses is not None:  # pose-driven: the given keypoints replace SMGA
             idx = np.clip(np.arange(w.start + w.keep_from, w.start + w.keep_to), None, len(r.poses) - 1)
-            yield self._conditions(w, r.poses[idx], wav)  # (F, 134, 3)
+            yield self._conditions(w, r.poses[idx], wav, before)  # (F, 134, 3)
             return
         cond = P.smga_condition(m, wav, w.n_frames)  # (W, audio_dim)
         # 2. poses, conditioned on the reference pose (window 0) or the previous window's last real frame
@@ -381,9 +406,9 @@ class _PoseStage:
             for i, wt in enumerate(crossfade_weights(w.crossfade)):
                 out[i] = (1 - wt) * self.prev_vec[w.start + i - self.prev_start] + wt * vec[i]
         self.prev_vec, self.prev_start = vec, w.start
-        yield self._conditions(w, K.smga_to_pixel(out), wav)
+        yield self._conditions(w, K.smga_to_pixel(out), wav, before)
 
-    def _conditions(self, w: Window, kps: np.ndarray, wav: np.ndarray) -> PoseWindow:
+    def _conditions(self, w: Window, kps: np.ndarray, wav: np.ndarray, before: PoseState) -> PoseWindow:
         """Emitted keypoints (F, 134, 3) -> the PoseWindow Stage II reads (pose frames, masks, audio tokens)."""
         m = self.runner.models
         frames, masks = P.pose_conditions(m.cfg, kps)
@@ -393,32 +418,44 @@ class _PoseStage:
         cuda = torch.device(m.device).type == "cuda"
         return PoseWindow(index=w.index, first_frame=w.start + w.keep_from, n_frames=len(kps), keypoints=kps,
                           pose_frames=frames, masks=P.unet_masks(m.cfg, masks), audio_tokens=tokens,
-                          ready=_cuda_event() if cuda else None)
+                          ready=_cuda_event() if cuda else None, before=before)
+
+
+class _Rendered(NamedTuple):
+    """Stage II's output for one chunk: the denoised chunk, and the point to continue from after its frames."""
+
+    result: P.StageIIResult
+    resume: ResumePoint
 
 
 class _RenderStage:
-    """Stage II of one run: PoseWindows -> fixed-size render chunks -> StageIIResults (``flush`` renders the padded
+    """Stage II of one run: PoseWindows -> fixed-size render chunks -> denoised chunks (``flush`` renders the padded
     tail at the end of the stream). Keeps the frames the next chunk needs and the overlap latents."""
 
-    def __init__(self, runner: Runner, metrics: RunMetrics):
+    def __init__(self, runner: Runner, metrics: RunMetrics, start: Optional[ResumePoint] = None):
         s = runner.settings
         self.runner, self.metrics = runner, metrics
-        self.planner = StreamChunkPlanner(s.chunk, s.overlap, max_chunk=runner.models.cfg.unet.motion_max_frames)
-        self.store = _FrameStore()
-        self.known: Optional[torch.Tensor] = None  # final latents of the previous chunk's last `overlap` frames
+        first = start.pose.window * s.hop if start else 0  # global frame of the first pose Stage I will emit
+        self.planner = StreamChunkPlanner(s.chunk, s.overlap, max_chunk=runner.models.cfg.unet.motion_max_frames,
+                                          first_index=start.chunk if start else 0, frames=first)
+        self.store = _FrameStore(base=first)
+        # final latents of the previous chunk's last `overlap` frames
+        self.known: Optional[torch.Tensor] = None
+        if start is not None and start.known is not None:
+            self.known = torch.as_tensor(start.known).to(runner.models.device, runner.models.dtype)
 
-    def __call__(self, pw: PoseWindow) -> Iterator[P.StageIIResult]:
+    def __call__(self, pw: PoseWindow) -> Iterator[_Rendered]:
         with _after(pw.ready, pw.audio_tokens):
             self.store.push(pw)
         for chunk in self.planner.push(pw.n_frames):
             yield self._render(chunk)
 
-    def flush(self) -> Iterator[P.StageIIResult]:
+    def flush(self) -> Iterator[_Rendered]:
         for chunk in self.planner.finish():
             yield self._render(chunk)
 
     @torch.no_grad()
-    def _render(self, chunk: RenderChunk) -> P.StageIIResult:
+    def _render(self, chunk: RenderChunk) -> _Rendered:
         r, s = self.runner, self.runner.settings
         frames, masks, tokens = self.store.take(chunk.start, chunk.n_frames)  # padded past the newest frame
         work = P.StageIIChunk(index=chunk.index, first_frame=chunk.start, pose_frames=frames, masks=masks,
@@ -427,9 +464,12 @@ class _RenderStage:
         with self.metrics.gpu_span("stage2"):
             result = P.render_chunk(r.models, r.avatar, work, r.steps, r.guidance, s.seed)
         self.known = result.latents[:, :, chunk.n_frames - s.overlap:] if s.overlap else None
-        self.store.drop_before(chunk.start + chunk.n_frames - s.overlap)  # the next chunk starts there
+        following = chunk.start + chunk.n_frames - s.overlap  # the next chunk starts there
+        resume = ResumePoint(chunk=chunk.index + 1, frame=chunk.start + chunk.new_to,
+                             pose=self.store.pose_state_at(following), known=self.known)
+        self.store.drop_before(following)
         cuda = torch.device(r.models.device).type == "cuda"
-        return dataclasses.replace(result, ready=_cuda_event() if cuda else None)  # decode waits for this
+        return _Rendered(dataclasses.replace(result, ready=_cuda_event() if cuda else None), resume)  # decode waits
 
 
 def render_file(models: P.ModelSet, image: np.ndarray, audio: np.ndarray, sink: FrameSink,

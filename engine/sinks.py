@@ -24,6 +24,9 @@ from engine.types import FPS, SAMPLE_RATE, FrameBatch, RunMeta
 logger = logging.getLogger(__name__)
 
 
+SMALL_FRAME = 128  # frames narrower than this are encoded without x264's macroblock tree (see Mp4Sink.open)
+
+
 class SinkError(RuntimeError):
     """A sink cannot write where or what it was asked to (the message names the path and the problem)."""
 
@@ -45,6 +48,12 @@ def _discard(closables: List[object], tmp_path: str) -> None:
         pass
 
 
+def video_comment(meta: RunMeta) -> str:
+    """The mp4's comment: what made the file; an untrained preset's video says so in its metadata."""
+    return f"mmgt-engine, preset {meta.preset}" + ("" if meta.trained else ": UNTRAINED random weights, not a real "
+                                                                         "avatar")
+
+
 class Mp4Sink:
     """Writes frames to an H.264 (libx264, yuv420p) mp4 with the audio muxed beside them.
 
@@ -64,7 +73,7 @@ class Mp4Sink:
 
     def __init__(self, path: str | os.PathLike, audio: Union[SourceAudio, np.ndarray, None],
                  sample_rate: int = SAMPLE_RATE, fps: int = FPS, crf: int = 18, preset: str = "veryfast",
-                 audio_bitrate: Optional[int] = None) -> None:
+                 audio_bitrate: Optional[int] = None, log_level: int = logging.INFO) -> None:
         self.path = os.fspath(path)
         if audio is not None and not isinstance(audio, SourceAudio):
             a = np.asarray(audio)
@@ -78,6 +87,7 @@ class Mp4Sink:
             raise ValueError(f"Mp4Sink({self.path}): crf must be in [0, 51], got {crf}")
         self.sample_rate, self.fps, self.crf, self.preset = sample_rate, fps, crf, preset
         self.audio_bitrate = audio_bitrate
+        self.log_level = log_level  # of the open / finished lines (DEBUG for the segments of a resumable render)
         self.frames_written = 0
         self._tmp_path: Optional[str] = None
         self._container = None
@@ -112,15 +122,19 @@ class Mp4Sink:
             container = av.open(tmp, mode="w", format="mp4", options={"movflags": "+faststart"})
             self._container = container
             self._closables.append(container)
-            # say what made the file; an untrained preset's video says so in its metadata
-            container.metadata["comment"] = (f"mmgt-engine, preset {meta.preset}"
-                                             + ("" if meta.trained else ": UNTRAINED random weights, not a real avatar"))
+            container.metadata["comment"] = video_comment(meta)
             self._finalizer = weakref.finalize(self, _discard, self._closables, tmp)
             w, h = meta.width + meta.width % 2, meta.height + meta.height % 2  # yuv420p: even sizes
             video = container.add_stream("libx264", rate=self.fps)
             video.width, video.height, video.pix_fmt = w, h, "yuv420p"
             video.time_base = Fraction(1, self.fps)  # pts = frame index
-            video.options = {"crf": str(self.crf), "preset": self.preset}
+            options = {"crf": str(self.crf), "preset": self.preset}
+            if min(w, h) < SMALL_FRAME:
+                # x264's macroblock-tree rate control does not encode frames this small (the tiny preset's 64x64)
+                # the same way twice (measured: every other run differed; 128x128 and up did not), and a resumed
+                # render must encode its segments exactly as an uninterrupted one does
+                options["x264-params"] = "mbtree=0"
+            video.options = options
             audio = None if self.audio is None else open_track(container, self.audio, self.sample_rate,
                                                                self.audio_bitrate)
             if audio is not None:
@@ -131,8 +145,8 @@ class Mp4Sink:
                 raise
             raise SinkError(f"cannot set up mp4 writing for {self.path}: {e}") from e
         self._video, self._audio, self._size = video, audio, (meta.width, meta.height)
-        logger.info("Mp4Sink %s: %dx%d @ %d fps; audio: %s", self.path, w, h, self.fps,
-                    audio.what if audio is not None else "none")
+        logger.log(self.log_level, "Mp4Sink %s: %dx%d @ %d fps; audio: %s", self.path, w, h, self.fps,
+                   audio.what if audio is not None else "none")
         logger.debug("Mp4Sink %s: temp %s", self.path, tmp)
 
     # 2. write: frames in order, audio up to the same media time
@@ -151,7 +165,10 @@ class Mp4Sink:
         if pad_h or pad_w:
             frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")  # (T, H', W', 3)
         for i in range(frames.shape[0]):
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
+            # converted to yuv420p here: left to the encoder (PyAV 18), the conversion made the same frames encode
+            # differently from run to run (measured: 1 run in 3 differed), and a resumed render must encode its
+            # segments exactly as an uninterrupted one does
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24").reformat(format="yuv420p")
             vf.pts = self.frames_written
             self._mux(self._video.encode(vf))
             self.frames_written += 1
@@ -193,7 +210,8 @@ class Mp4Sink:
                 raise
             raise SinkError(f"finishing {self.path} failed: {e}") from e
         self._detach()
-        logger.info("Mp4Sink %s: %d frames (%.3f s)", self.path, self.frames_written, self.frames_written / self.fps)
+        logger.log(self.log_level, "Mp4Sink %s: %d frames (%.3f s)", self.path, self.frames_written,
+                   self.frames_written / self.fps)
 
     def _abort(self) -> None:
         if self._finalizer is not None:
@@ -375,4 +393,4 @@ class QueueSink:
                         self._waiters.remove((loop, fut))
 
 
-__all__ = ["SinkError", "Mp4Sink", "NullSink", "QueueSink"]
+__all__ = ["SinkError", "video_comment", "Mp4Sink", "NullSink", "QueueSink"]

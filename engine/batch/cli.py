@@ -10,11 +10,13 @@ The manifest is JSON lines (one object per line) or CSV with a header row. Every
 ``overlap``, ``pose`` (keypoints that replace Stage I) and ``init_pose`` (the reference image's pose). Relative
 paths are read against the manifest's folder. Blank lines and lines starting with ``#`` are skipped.
 
-Every job leaves DIR/<output>.mp4 (written to a temp file, renamed only when complete) and DIR/<output>.json, its
-report: status (ok / error / skipped), frames, durations, first-frame latency, real-time factor, the settings, the
-model, and the sha256 of every input. A re-run skips a job whose mp4 and report are complete and whose inputs,
-settings and model are unchanged, and renders the rest; a failing job is reported and the others go on. The exit
-code is 0 only when every job succeeded (rendered or skipped); 1 when a job failed; 2 for a bad manifest or flag.
+Every job leaves DIR/<output>.mp4 (written in segments into DIR/.<output>.mp4.resume/, joined into a temp file and
+renamed only when complete; a job killed mid-render continues from its last segment on the next run, --force starts
+it over) and DIR/<output>.json, its report: status (ok / error / skipped), frames, durations, first-frame latency,
+real-time factor, the settings, the model, and the sha256 of every input. A re-run skips a job whose mp4 and report
+are complete and whose inputs, settings and model are unchanged, and renders the rest; a failing job is reported and
+the others go on. The exit code is 0 only when every job succeeded (rendered or skipped); 1 when a job failed; 2 for
+a bad manifest or flag.
 
 With ``--ray`` every job to render becomes one Ray task; each worker process loads the models once (and keeps them
 for the jobs it runs) and writes the mp4 itself, so inputs and DIR must be paths every node sees (a shared

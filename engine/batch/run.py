@@ -84,12 +84,12 @@ def _plan(jobs: List[Job], out_dir: Path, base: RenderSettings, model: Dict[str,
     return items
 
 
-def _payload(item: _Item, model_args: argparse.Namespace, threads: Optional[int],
-             audio_bitrate: Optional[int]) -> JobPayload:
+def _payload(item: _Item, model_args: argparse.Namespace, threads: Optional[int], args) -> JobPayload:
     j = item.job
     return JobPayload(name=j.name, image=str(j.image), audio=str(j.audio), pose=str(j.pose) if j.pose else None,
                       init_pose=str(j.init_pose) if j.init_pose else None, output=str(item.mp4),
-                      settings=item.settings, model_args=model_args, threads=threads, audio_bitrate=audio_bitrate)
+                      settings=item.settings, model_args=model_args, threads=threads,
+                      audio_bitrate=args.audio_bitrate, restart=bool(getattr(args, "force", False)))
 
 
 def _model_args(args) -> argparse.Namespace:
@@ -107,7 +107,7 @@ def _run_local(todo: List[_Item], model_args, done: Callable[[_Item, Dict[str, A
             return tqdm(total=total, unit="frame", desc=name, position=1, leave=False,
                         disable=getattr(args, "quiet", False) or None)
 
-        done(item, run_job(_payload(item, model_args, args.threads, args.audio_bitrate), bar))
+        done(item, run_job(_payload(item, model_args, args.threads, args), bar))
 
 
 def format_summary(items: List[_Item], out_dir: Path) -> str:
@@ -172,7 +172,7 @@ def run_batch(args) -> Tuple[int, List[_Item]]:
                 jobs_bar.update(1)
 
             if todo and args.ray:  # Ray workers get their threads from their CPU share (engine.batch.ray_exec)
-                payloads = [(item, _payload(item, _model_args(args), None, args.audio_bitrate)) for item in todo]
+                payloads = [(item, _payload(item, _model_args(args), None, args)) for item in todo]
                 run_on_ray(payloads, done, args)
             elif todo:
                 _run_local(todo, _model_args(args), done, args)

@@ -59,6 +59,7 @@ CASES = [
     ("overlap_eq_chunk", RENDER + ["--chunk", "8", "--overlap", "8"], 2, "--overlap must be in [0, --chunk - 1 = 7]"),
     ("overlap_negative", RENDER + ["--overlap", "-1"], 2, "--overlap must be in [0,"),
     ("threads_0", RENDER + ["--threads", "0"], 2, "--threads must be >= 1, got 0"),
+    ("segment_seconds_0", RENDER + ["--segment-seconds", "0"], 2, "--segment-seconds must be >= 0.04"),
     ("device_bad_index", RENDER + ["--device", "cuda:x"], 2, "--device cuda:x: not a device"),
     ("out_exists", RENDER[:-1] + ["o.mp4"], 2, "--out o.mp4: already exists; pass --overwrite"),
     ("out_not_mp4", RENDER[:-1] + ["o.avi"], 2, "--out o.avi: the output must be an .mp4 file"),
