@@ -21,6 +21,11 @@ torch.compile, CUDA-graph capture) before a run, outside its latency.
 
 A Runner holds one session's state (avatar, settings, its stop flag); the model set it runs on is shared and
 stateless, so any number of Runners (sessions, batch jobs, threads) use one model set at once.
+
+Every chunk's frames leave with a ``ResumePoint`` (engine/types.py): what a run needs to continue exactly after them
+(Stage I's state before the pose window holding the next chunk, the overlap latents, the positions). ``run(...,
+start=point)`` continues from one, giving the frames a run from the beginning gives (engine/resume.py keeps the
+points of a long render beside its output).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -46,7 +51,7 @@ from .rolling_plan import group_size
 from .scheduler import (RenderChunk, StreamChunkPlanner, StreamPlanner, Window, crossfade_weights, frames_for_samples,
                         plan_windows)
 from .settings import OFFLINE, RenderSettings
-from .types import AudioChunk, FrameBatch, FrameSink, PoseWindow, RunMeta
+from .types import AudioChunk, FrameBatch, FrameSink, PoseState, PoseWindow, ResumePoint, RunMeta
 from .workers import chain, close_all
 
 log = logging.getLogger(__name__)
@@ -111,11 +116,12 @@ class _FrameStore:
     Windows are appended whole; a render chunk takes a slice (the frames past the newest are padded with the newest,
     as the last chunk of a stream is); frames behind the next chunk's start are dropped."""
 
-    def __init__(self) -> None:
-        self.base = 0  # global frame of row 0
+    def __init__(self, base: int = 0) -> None:
+        self.base = base  # global frame of row 0 (a resumed run starts at its first pose window's)
         self.frames: Optional[np.ndarray] = None  # (N, R, R, 3) uint8
         self.masks: Tuple[np.ndarray, ...] = ()  # per MM-HAA level (N, 3, h*w)
         self.tokens: Optional[torch.Tensor] = None  # (N, T, D) on the model's device
+        self.poses: List[Tuple[int, Optional[PoseState]]] = []  # (first frame, Stage I's state before) per window
 
     @property
     def end(self) -> int:
@@ -125,6 +131,7 @@ class _FrameStore:
     def push(self, pw: PoseWindow) -> None:
         if pw.first_frame != self.end:
             raise RuntimeError(f"Stage I gap: window {pw.index} starts at frame {pw.first_frame}, expected {self.end}")
+        self.poses.append((pw.first_frame, pw.before))
         if self.frames is None:
             self.frames, self.masks, self.tokens = pw.pose_frames, tuple(pw.masks), pw.audio_tokens
             return
@@ -139,12 +146,18 @@ class _FrameStore:
         tokens = self.tokens[torch.from_numpy(idx).to(self.tokens.device)]  # (n, T, D)
         return self.frames[idx], tuple(m[idx] for m in self.masks), tokens
 
+    def pose_state_at(self, frame: int) -> Optional[PoseState]:
+        """Stage I's state before the stored window that holds ``frame``."""
+        return next(state for first, state in reversed(self.poses) if first <= frame)
+
     def drop_before(self, frame: int) -> None:
         cut = max(0, min(frame - self.base, self.end - self.base))
         if cut:
             self.frames, self.tokens = self.frames[cut:], self.tokens[cut:]
             self.masks = tuple(m[cut:] for m in self.masks)
             self.base += cut
+        while len(self.poses) > 1 and self.poses[1][0] <= self.base:  # keep the window holding the base
+            self.poses.pop(0)
 
 
 def _cuda_event():
@@ -204,17 +217,28 @@ class Runner:
         """Ask a running ``run``/``run_stream`` to stop; it raises RenderCancelled after closing the sink."""
         self._stop.set()
 
-    def run(self, audio: np.ndarray, sink: FrameSink, progress: Optional[Callable[[int], None]] = None) -> RunReport:
-        """Offline: the whole waveform (16 kHz mono float32) is known; every window reads its full W frames."""
+    def run(self, audio: np.ndarray, sink: FrameSink, progress: Optional[Callable[[int], None]] = None,
+            start: Optional[ResumePoint] = None) -> RunReport:
+        """Offline: the whole waveform (16 kHz mono float32) is known; every window reads its full W frames.
+
+        ``start``: continue from that point of an earlier run with these settings and inputs (the ``resume`` of
+        one of its FrameBatches): the first frame out is ``start.frame``, and every frame equals the same frame of
+        a run from the beginning."""
         audio = np.asarray(audio, np.float32)
         s = self.settings
         total = frames_for_samples(len(audio), AUDIO_SAMPLE_RATE, FPS)
         windows = plan_windows(total, s.window, s.hop, s.crossfade, lookahead_frames=s.lookahead)
+        if start is not None and s.schedule == "rolling":
+            raise ValueError("the rolling schedule keeps no resume points; run it from the start")
+        if start is not None:
+            log.info("resuming at frame %d (render chunk %d, pose window %d)", start.frame, start.chunk,
+                     start.pose.window)
+            windows = windows[start.pose.window:]
         t0 = time.perf_counter()
         metrics = self._metrics(t0)
         metrics.audio_in(len(audio), t0)  # offline: all of it is in at the start
         return self._execute(((w, t0) for w in windows), _AudioBuffer(audio), sink, metrics, total_frames=total,
-                             progress=progress)
+                             progress=progress, start=start)
 
     def run_stream(self, chunks: Iterable[AudioChunk], sink: FrameSink,
                    progress: Optional[Callable[[int], None]] = None, keep_seconds: float = 60.0) -> RunReport:
@@ -264,7 +288,8 @@ class Runner:
         return m.budget() if m is not None else {}
 
     def _execute(self, windows: Iterable[Tuple[Window, float]], buf: _AudioBuffer, sink: FrameSink,
-                 metrics: RunMetrics, total_frames: Optional[int], progress) -> RunReport:
+                 metrics: RunMetrics, total_frames: Optional[int], progress,
+                 start: Optional[ResumePoint] = None) -> RunReport:
         cfg, s, report = self.models.cfg, self.settings, metrics.report
 
         def deliver(batch: FrameBatch) -> Iterator[FrameBatch]:  # the sink stage
@@ -276,15 +301,15 @@ class Runner:
         # live: a feeder thread takes the audio as it comes, so each chunk's arrival time is when it came, not when
         # Stage I got round to it (the latency budget starts there)
         feed = [("feed", _passthrough, FEED_QUEUE)] if total_frames is None and self.overlapped else []
-        stages = feed + [("stage1", _PoseStage(self, buf, metrics), s.queue_size),
-                         ("stage2", self._stage2(metrics), QUEUE_SIZES["stage2"]),
-                         ("decode", lambda result: self._decode(result, metrics), QUEUE_SIZES["decode"]),
+        stages = feed + [("stage1", _PoseStage(self, buf, metrics, start), s.queue_size),
+                         ("stage2", self._stage2(metrics, start), QUEUE_SIZES["stage2"]),
+                         ("decode", lambda rendered: self._decode(rendered, metrics), QUEUE_SIZES["decode"]),
                          ("sink", deliver, QUEUE_SIZES["sink"])]
-        sink.open(RunMeta(fps=FPS, width=cfg.resolution, height=cfg.resolution,
-                          audio_samples=len(buf) if total_frames is not None else 0, sample_rate=AUDIO_SAMPLE_RATE,
-                          preset=cfg.name, trained=cfg.trained))
         ok, workers = False, []
         try:  # from here on, an interruption (Ctrl-C, SIGTERM) at any point stops and joins every worker started
+            sink.open(RunMeta(fps=FPS, width=cfg.resolution, height=cfg.resolution,
+                              audio_samples=len(buf) if total_frames is not None else 0,
+                              sample_rate=AUDIO_SAMPLE_RATE, preset=cfg.name, trained=cfg.trained))
             out, workers = chain(stages, windows, overlapped=self.overlapped, stop=self._stop,
                                  on_item=metrics.on_item, setup=self._on_stream)
             for _ in out:  # the sink stage's batches: everything has happened by the time they come out
@@ -306,10 +331,10 @@ class Runner:
         log.log(logging.DEBUG if self._quiet else logging.INFO, "run done: %s", report.summary())
         return report
 
-    def _stage2(self, metrics: RunMetrics):
+    def _stage2(self, metrics: RunMetrics, start: Optional[ResumePoint] = None):
         """Stage II of one run: fixed-size chunks, or the rolling schedule's calls (engine/rolling.py)."""
         if self.settings.schedule != "rolling":
-            return _RenderStage(self, metrics)
+            return _RenderStage(self, metrics, start)
         cuda = torch.device(self.models.device).type == "cuda"
         return RollingRenderStage(self, metrics, _FrameStore(), _after, lambda: _cuda_event() if cuda else None)
 
@@ -319,11 +344,14 @@ class Runner:
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     @torch.no_grad()
-    def _decode(self, result: P.StageIIResult, metrics: RunMetrics) -> Iterator[FrameBatch]:
+    def _decode(self, rendered: "_Rendered", metrics: RunMetrics) -> Iterator[FrameBatch]:
         """Decode: the new frames of a denoised chunk -> a FrameBatch (its host copy syncs this stage's stream only)."""
+        # the rolling stage's results carry no resume point (a rolling render resumes from its start)
+        result, resume = (rendered.result, rendered.resume) if isinstance(rendered, _Rendered) else (rendered, None)
         with _after(result.ready, result.latents), metrics.gpu_span("decode"):
             frames = P.decode(self.models, result.new_latents)  # (n_new, R, R, 3) uint8
-        yield FrameBatch(frames=frames, first_frame=result.first_frame + result.emit_from, fps=FPS, index=result.index)
+        yield FrameBatch(frames=frames, first_frame=result.first_frame + result.emit_from, fps=FPS, index=result.index,
+                         resume=resume)
 
     # ------------------------------------------------------------------------------------------------------------
     def warm_up(self) -> float:
@@ -377,10 +405,10 @@ def _passthrough(item):
 class _PoseStage:
     """Stage I of one run: (Window, audio-ready time) -> PoseWindow. Keeps the previous window for the seam."""
 
-    def __init__(self, runner: Runner, buf: _AudioBuffer, metrics: RunMetrics):
+    def __init__(self, runner: Runner, buf: _AudioBuffer, metrics: RunMetrics, start: Optional[ResumePoint] = None):
         self.runner, self.buf, self.metrics = runner, buf, metrics
-        self.prev_vec: Optional[np.ndarray] = None  # (W, 402) previous window's SMGA output
-        self.prev_start = 0
+        self.prev_vec: Optional[np.ndarray] = start.pose.prev_vec if start else None  # (W, 402) previous window's
+        self.prev_start = start.pose.prev_start if start else 0  # SMGA output, and its first frame
 
     @torch.no_grad()
     def __call__(self, item: Tuple[Window, float]) -> Iterator[PoseWindow]:
@@ -388,12 +416,13 @@ class _PoseStage:
         self.metrics.audio_ready(ready_at, w.index)
         r = self.runner
         m, s = r.models, r.settings
+        before = PoseState(w.index, self.prev_vec, self.prev_start)  # what restarting at this window needs
         # 1. the window's audio: W frames from its start, zero past what it may read (padding / lookahead)
         wav = self.buf.read(w.audio_start, w.audio_start + w.n_frames * SAMPLES_PER_FRAME)  # (W * 640,)
         wav[w.audio_end - w.audio_start:] = 0.0
         if r.poses is not None:  # pose-driven: the given keypoints replace SMGA
             idx = np.clip(np.arange(w.start + w.keep_from, w.start + w.keep_to), None, len(r.poses) - 1)
-            yield self._conditions(w, r.poses[idx], wav)  # (F, 134, 3)
+            yield self._conditions(w, r.poses[idx], wav, before)  # (F, 134, 3)
             return
         cond = P.smga_condition(m, wav, w.n_frames)  # (W, audio_dim)
         # 2. poses, conditioned on the reference pose (window 0) or the previous window's last real frame
@@ -409,9 +438,9 @@ class _PoseStage:
             for i, wt in enumerate(crossfade_weights(w.crossfade)):
                 out[i] = (1 - wt) * self.prev_vec[w.start + i - self.prev_start] + wt * vec[i]
         self.prev_vec, self.prev_start = vec, w.start
-        yield self._conditions(w, K.smga_to_pixel(out), wav)
+        yield self._conditions(w, K.smga_to_pixel(out), wav, before)
 
-    def _conditions(self, w: Window, kps: np.ndarray, wav: np.ndarray) -> PoseWindow:
+    def _conditions(self, w: Window, kps: np.ndarray, wav: np.ndarray, before: PoseState) -> PoseWindow:
         """Emitted keypoints (F, 134, 3) -> the PoseWindow Stage II reads (pose frames, masks, audio tokens)."""
         m = self.runner.models
         frames, masks = P.pose_conditions(m.cfg, kps)
@@ -421,32 +450,44 @@ class _PoseStage:
         cuda = torch.device(m.device).type == "cuda"
         return PoseWindow(index=w.index, first_frame=w.start + w.keep_from, n_frames=len(kps), keypoints=kps,
                           pose_frames=frames, masks=P.unet_masks(m.cfg, masks), audio_tokens=tokens,
-                          ready=_cuda_event() if cuda else None)
+                          ready=_cuda_event() if cuda else None, before=before)
+
+
+class _Rendered(NamedTuple):
+    """Stage II's output for one chunk: the denoised chunk, and the point to continue from after its frames."""
+
+    result: P.StageIIResult
+    resume: ResumePoint
 
 
 class _RenderStage:
-    """Stage II of one run: PoseWindows -> fixed-size render chunks -> StageIIResults (``flush`` renders the padded
+    """Stage II of one run: PoseWindows -> fixed-size render chunks -> denoised chunks (``flush`` renders the padded
     tail at the end of the stream). Keeps the frames the next chunk needs and the overlap latents."""
 
-    def __init__(self, runner: Runner, metrics: RunMetrics):
+    def __init__(self, runner: Runner, metrics: RunMetrics, start: Optional[ResumePoint] = None):
         s = runner.settings
         self.runner, self.metrics = runner, metrics
-        self.planner = StreamChunkPlanner(s.chunk, s.overlap, max_chunk=runner.models.cfg.unet.motion_max_frames)
-        self.store = _FrameStore()
-        self.known: Optional[torch.Tensor] = None  # final latents of the previous chunk's last `overlap` frames
+        first = start.pose.window * s.hop if start else 0  # global frame of the first pose Stage I will emit
+        self.planner = StreamChunkPlanner(s.chunk, s.overlap, max_chunk=runner.models.cfg.unet.motion_max_frames,
+                                          first_index=start.chunk if start else 0, frames=first)
+        self.store = _FrameStore(base=first)
+        # final latents of the previous chunk's last `overlap` frames
+        self.known: Optional[torch.Tensor] = None
+        if start is not None and start.known is not None:
+            self.known = torch.as_tensor(start.known).to(runner.models.device, runner.models.dtype)
 
-    def __call__(self, pw: PoseWindow) -> Iterator[P.StageIIResult]:
+    def __call__(self, pw: PoseWindow) -> Iterator[_Rendered]:
         with _after(pw.ready, pw.audio_tokens):
             self.store.push(pw)
         for chunk in self.planner.push(pw.n_frames):
             yield self._render(chunk)
 
-    def flush(self) -> Iterator[P.StageIIResult]:
+    def flush(self) -> Iterator[_Rendered]:
         for chunk in self.planner.finish():
             yield self._render(chunk)
 
     @torch.no_grad()
-    def _render(self, chunk: RenderChunk) -> P.StageIIResult:
+    def _render(self, chunk: RenderChunk) -> _Rendered:
         r, s = self.runner, self.runner.settings
         frames, masks, tokens = self.store.take(chunk.start, chunk.n_frames)  # padded past the newest frame
         work = P.StageIIChunk(index=chunk.index, first_frame=chunk.start, pose_frames=frames, masks=masks,
@@ -455,9 +496,12 @@ class _RenderStage:
         with self.metrics.gpu_span("stage2"):
             result = P.render_chunk(r.models, r.avatar, work, r.steps, r.guidance, s.seed)
         self.known = result.latents[:, :, chunk.n_frames - s.overlap:] if s.overlap else None
-        self.store.drop_before(chunk.start + chunk.n_frames - s.overlap)  # the next chunk starts there
+        following = chunk.start + chunk.n_frames - s.overlap  # the next chunk starts there
+        resume = ResumePoint(chunk=chunk.index + 1, frame=chunk.start + chunk.new_to,
+                             pose=self.store.pose_state_at(following), known=self.known)
+        self.store.drop_before(following)
         cuda = torch.device(r.models.device).type == "cuda"
-        return dataclasses.replace(result, ready=_cuda_event() if cuda else None)  # decode waits for this
+        return _Rendered(dataclasses.replace(result, ready=_cuda_event() if cuda else None), resume)  # decode waits
 
 
 def probe_sessions(models: P.ModelSet, avatar: P.Avatar, settings: RenderSettings, sessions: int,

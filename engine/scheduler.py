@@ -331,12 +331,20 @@ class StreamChunkPlanner:
 
     Chunk j is ready once all C of its frames have poses; ``finish()`` returns the padded tail. The concatenation
     equals ``plan_chunks(total, chunk, overlap)``.
+
+    A resumed run starts mid-stream: ``first_index`` is the first chunk it renders and ``frames`` the global frame
+    its first pose arrives at (the start of the pose window it restarts from, at or before that chunk's start); the
+    chunks it then hands out are the tail of the same plan.
     """
 
-    def __init__(self, chunk: int, overlap: int = 0, *, max_chunk: int = MAX_CHUNK_FRAMES) -> None:
+    def __init__(self, chunk: int, overlap: int = 0, *, max_chunk: int = MAX_CHUNK_FRAMES, first_index: int = 0,
+                 frames: int = 0) -> None:
         self.chunk, self.overlap = _check_chunk_args(chunk, overlap, max_chunk)
-        self.frames = 0  # pose frames received so far
-        self.next_index = 0
+        self.next_index = _at_least("first_index", first_index, 0)
+        self.frames = _at_least("frames", frames, 0)  # pose frames received so far (global: from frame 0)
+        if self.frames > self.next_index * (self.chunk - self.overlap):
+            raise ValueError(f"frames={self.frames} is past the start of chunk {self.next_index}: its poses would "
+                             "be missing")
         self.finished = False
 
     def push(self, n_new_frames: int) -> List[RenderChunk]:

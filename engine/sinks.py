@@ -24,6 +24,9 @@ from engine.types import FPS, SAMPLE_RATE, FrameBatch, RunMeta
 logger = logging.getLogger(__name__)
 
 
+SMALL_FRAME = 128  # frames narrower than this are encoded without x264's macroblock tree (see Mp4Sink.open)
+
+
 class SinkError(RuntimeError):
     """A sink cannot write where or what it was asked to (the message names the path and the problem)."""
 
@@ -45,6 +48,12 @@ def _discard(closables: List[object], tmp_path: str) -> None:
         pass
 
 
+def video_comment(meta: RunMeta) -> str:
+    """The mp4's comment: what made the file; an untrained preset's video says so in its metadata."""
+    return f"mmgt-engine, preset {meta.preset}" + ("" if meta.trained else ": UNTRAINED random weights, not a real "
+                                                                         "avatar")
+
+
 class Mp4Sink:
     """Writes frames to an H.264 (libx264, yuv420p) mp4 with the audio muxed beside them.
 
@@ -58,14 +67,15 @@ class Mp4Sink:
     ``close(ok=True)``; ``close(ok=False)``, an exception inside a ``with`` block, or a failing close remove it, so
     ``path`` is either a complete video or untouched. Audio is read and written alongside the frames (up to the media
     time of the last written frame), so the two streams interleave and a long source is never held in memory; the
-    video has exactly the frames written. Odd frame sizes are padded by one edge-replicated row/column (yuv420p needs
-    even sizes).
+    video has exactly the frames written. ``audio=None`` writes the video alone (the segments of a resumable render).
+    Odd frame sizes are padded by one edge-replicated row/column (yuv420p needs even sizes).
     """
 
-    def __init__(self, path: str | os.PathLike, audio: Union[SourceAudio, np.ndarray], sample_rate: int = SAMPLE_RATE,
-                 fps: int = FPS, crf: int = 18, preset: str = "veryfast", audio_bitrate: Optional[int] = None) -> None:
+    def __init__(self, path: str | os.PathLike, audio: Union[SourceAudio, np.ndarray, None],
+                 sample_rate: int = SAMPLE_RATE, fps: int = FPS, crf: int = 18, preset: str = "veryfast",
+                 audio_bitrate: Optional[int] = None, log_level: int = logging.INFO) -> None:
         self.path = os.fspath(path)
-        if not isinstance(audio, SourceAudio):
+        if audio is not None and not isinstance(audio, SourceAudio):
             a = np.asarray(audio)
             if a.ndim != 1 or not np.issubdtype(a.dtype, np.floating):
                 raise ValueError(f"Mp4Sink({self.path}): audio must be a SourceAudio or 1-D float mono samples, "
@@ -77,6 +87,7 @@ class Mp4Sink:
             raise ValueError(f"Mp4Sink({self.path}): crf must be in [0, 51], got {crf}")
         self.sample_rate, self.fps, self.crf, self.preset = sample_rate, fps, crf, preset
         self.audio_bitrate = audio_bitrate
+        self.log_level = log_level  # of the open / finished lines (DEBUG for the segments of a resumable render)
         self.frames_written = 0
         self._tmp_path: Optional[str] = None
         self._container = None
@@ -98,35 +109,44 @@ class Mp4Sink:
         out_dir = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(out_dir):
             raise SinkError(f"cannot write video to {self.path}: output directory {out_dir} does not exist")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".part", dir=out_dir)
-            os.close(fd)
-        except OSError as e:
-            raise SinkError(f"cannot write video to {self.path}: output directory {out_dir} is not writable "
-                            f"({e.strerror or e})") from e
-        self._tmp_path = tmp
         import av  # PyAV: a hard dependency, imported here to keep `import engine.sinks` light
 
         try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".part", dir=out_dir)
+        except OSError as e:
+            raise SinkError(f"cannot write video to {self.path}: output directory {out_dir} is not writable "
+                            f"({e.strerror or e})") from e
+        try:  # from here on anything, an interruption included, removes the temp file
+            self._tmp_path = tmp
+            os.close(fd)
             container = av.open(tmp, mode="w", format="mp4", options={"movflags": "+faststart"})
             self._container = container
             self._closables.append(container)
-            # say what made the file; an untrained preset's video says so in its metadata
-            container.metadata["comment"] = (f"mmgt-engine, preset {meta.preset}"
-                                             + ("" if meta.trained else ": UNTRAINED random weights, not a real avatar"))
+            container.metadata["comment"] = video_comment(meta)
             self._finalizer = weakref.finalize(self, _discard, self._closables, tmp)
             w, h = meta.width + meta.width % 2, meta.height + meta.height % 2  # yuv420p: even sizes
             video = container.add_stream("libx264", rate=self.fps)
             video.width, video.height, video.pix_fmt = w, h, "yuv420p"
             video.time_base = Fraction(1, self.fps)  # pts = frame index
-            video.options = {"crf": str(self.crf), "preset": self.preset}
-            audio = open_track(container, self.audio, self.sample_rate, self.audio_bitrate)
-            self._closables.append(audio)
-        except Exception as e:
+            options = {"crf": str(self.crf), "preset": self.preset}
+            if min(w, h) < SMALL_FRAME:
+                # x264's macroblock-tree rate control does not encode frames this small (the tiny preset's 64x64)
+                # the same way twice (measured: every other run differed; 128x128 and up did not), and a resumed
+                # render must encode its segments exactly as an uninterrupted one does
+                options["x264-params"] = "mbtree=0"
+            video.options = options
+            audio = None if self.audio is None else open_track(container, self.audio, self.sample_rate,
+                                                               self.audio_bitrate)
+            if audio is not None:
+                self._closables.append(audio)
+        except BaseException as e:
             self._abort()
+            if not isinstance(e, Exception):  # Ctrl-C, SIGTERM: as they are
+                raise
             raise SinkError(f"cannot set up mp4 writing for {self.path}: {e}") from e
         self._video, self._audio, self._size = video, audio, (meta.width, meta.height)
-        logger.info("Mp4Sink %s: %dx%d @ %d fps; audio: %s", self.path, w, h, self.fps, audio.what)
+        logger.log(self.log_level, "Mp4Sink %s: %dx%d @ %d fps; audio: %s", self.path, w, h, self.fps,
+                   audio.what if audio is not None else "none")
         logger.debug("Mp4Sink %s: temp %s", self.path, tmp)
 
     # 2. write: frames in order, audio up to the same media time
@@ -145,12 +165,16 @@ class Mp4Sink:
         if pad_h or pad_w:
             frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")  # (T, H', W', 3)
         for i in range(frames.shape[0]):
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
+            # converted to yuv420p here: left to the encoder (PyAV 18), the conversion made the same frames encode
+            # differently from run to run (measured: 1 run in 3 differed), and a resumed render must encode its
+            # segments exactly as an uninterrupted one does
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24").reformat(format="yuv420p")
             vf.pts = self.frames_written
             self._mux(self._video.encode(vf))
             self.frames_written += 1
         try:
-            self._audio.until(Fraction(self.frames_written, self.fps))
+            if self._audio is not None:
+                self._audio.until(Fraction(self.frames_written, self.fps))
         except (av.FFmpegError, OSError) as e:
             raise SinkError(f"writing the audio of {self.path} ({self._audio.what}) failed: {e}") from e
 
@@ -173,25 +197,27 @@ class Mp4Sink:
             if self.frames_written == 0:
                 raise SinkError(f"no frames were written to {self.path}; not saving an empty video")
             self._mux(self._video.encode(None))  # flush the video encoder
-            self._audio.finish(Fraction(self.frames_written, self.fps))  # the rest of the audio, flushed
+            if self._audio is not None:
+                self._audio.finish(Fraction(self.frames_written, self.fps))  # the rest of the audio, flushed
             self._container.close()
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self._tmp_path, 0o666 & ~umask)  # mkstemp made it 0600; a finished video gets normal modes
             os.replace(self._tmp_path, self.path)  # atomic on one filesystem: same directory
-        except Exception as e:
+        except BaseException as e:
             self._abort()
-            if isinstance(e, SinkError):
+            if isinstance(e, SinkError) or not isinstance(e, Exception):  # Ctrl-C, SIGTERM: as they are
                 raise
             raise SinkError(f"finishing {self.path} failed: {e}") from e
         self._detach()
-        logger.info("Mp4Sink %s: %d frames (%.3f s)", self.path, self.frames_written, self.frames_written / self.fps)
+        logger.log(self.log_level, "Mp4Sink %s: %d frames (%.3f s)", self.path, self.frames_written,
+                   self.frames_written / self.fps)
 
     def _abort(self) -> None:
         if self._finalizer is not None:
             self._finalizer()  # closes the container and removes the temp file, once
         elif self._tmp_path is not None:
-            _discard(None, self._tmp_path)
+            _discard(self._closables, self._tmp_path)
         self._detach()
 
     def _detach(self) -> None:
@@ -367,4 +393,4 @@ class QueueSink:
                         self._waiters.remove((loop, fut))
 
 
-__all__ = ["SinkError", "Mp4Sink", "NullSink", "QueueSink"]
+__all__ = ["SinkError", "video_comment", "Mp4Sink", "NullSink", "QueueSink"]

@@ -56,6 +56,8 @@ class SourceAudio:
     channels: int  # channel count, as stored
     layout: str  # channel layout name as PyAV spells it ("mono", "stereo", "5.1(side)", ...)
     codec: str  # codec name ("aac", "mp3", "pcm_s16le", "flac", ...)
+    declared_seconds: Optional[float] = None  # the duration the file's header states (None: it states none); a
+    # truncated file decodes to less
 
     @classmethod
     def probe(cls, path: str | os.PathLike) -> "SourceAudio":
@@ -70,8 +72,11 @@ class SourceAudio:
                 if not container.streams.audio:
                     raise AudioError(f"{path}: no audio stream")
                 s = container.streams.audio[0]
+                declared = wav_declared_seconds(path)
+                if declared is None and s.duration is not None and s.time_base is not None:
+                    declared = float(s.duration * s.time_base)
                 src = cls(path=path, stream_index=s.index, sample_rate=int(s.rate or 0), channels=int(s.channels or 0),
-                          layout=s.layout.name, codec=s.codec_context.codec.canonical_name)
+                          layout=s.layout.name, codec=s.codec_context.codec.canonical_name, declared_seconds=declared)
         except (av.FFmpegError, OSError) as e:
             raise AudioError(f"{path}: not a readable audio/video file ({e})") from e
         if src.sample_rate < 1 or src.channels < 1:
@@ -85,6 +90,33 @@ class SourceAudio:
 
     def describe(self) -> str:
         return f"{self.codec} {self.sample_rate} Hz {self.layout}"
+
+
+def wav_declared_seconds(path: str | os.PathLike) -> Optional[float]:
+    """The duration a RIFF/WAVE header declares (its data chunk's size / byte rate), None for another format or a
+    header without it. FFmpeg clamps a wav's duration to the bytes present, so a truncated wav needs this."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            byte_rate = None
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                kind, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+                if kind == b"fmt ":
+                    fmt = f.read(size + size % 2)
+                    byte_rate = int.from_bytes(fmt[8:12], "little") if len(fmt) >= 12 else None
+                elif kind == b"data":
+                    if not byte_rate or size in (0, 0xFFFFFFFF):  # streamed wavs leave the size unset
+                        return None
+                    return size / byte_rate
+                else:
+                    f.seek(size + size % 2, os.SEEK_CUR)
+    except OSError:
+        return None
 
 
 def open_track(container, audio, sample_rate: int, bitrate: Optional[int]) -> "AudioTrack":

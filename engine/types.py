@@ -9,7 +9,7 @@ handing them on. ``eq=False`` because element-wise array equality has no single 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Tuple, runtime_checkable
+from typing import Any, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 
@@ -73,6 +73,7 @@ class PoseWindow:
     # axis 1 (mmgt.motion_masks' one layout)
     audio_tokens: Any = None  # (F, T, D) MM-HAA audio tokens of these frames, a tensor on the model's device
     ready: Any = None  # GPU: a CUDA event on Stage I's stream after which audio_tokens exist (None on a CPU)
+    before: Optional["PoseState"] = None  # Stage I's state before this window: where a resumed run restarts it
 
     def __post_init__(self) -> None:
         kp = _check_array("PoseWindow", "keypoints", self.keypoints, np.float32, 3)
@@ -103,6 +104,8 @@ class FrameBatch:
     first_frame: int  # global frame index of frames[0]
     fps: int = FPS
     index: int = -1  # the render chunk the frames came from (its number; -1 when they did not come from one)
+    resume: Optional["ResumePoint"] = None  # what a run needs to continue exactly after these frames (None: the
+    # frames did not end a render chunk that has a successor)
 
     def __post_init__(self) -> None:
         f = _check_array("FrameBatch", "frames", self.frames, np.uint8, 4)
@@ -129,6 +132,34 @@ class FrameBatch:
     def timestamp(self) -> float:
         """Media time of the first frame in seconds."""
         return self.first_frame / self.fps
+
+
+@dataclass(frozen=True, eq=False)
+class PoseState:
+    """Stage I's state before a pose window: the previous window's SMGA output, which conditions the window (its
+    initial pose) and is blended into its seam. Together with the window's index (its noise) it decides the window's
+    poses exactly."""
+
+    window: int  # the window this is the state before
+    prev_vec: Optional[np.ndarray] = None  # (W, 402) float32 SMGA output of window - 1 (None: window 0, pose-driven)
+    prev_start: int = 0  # global frame of prev_vec[0]
+
+
+@dataclass(frozen=True, eq=False)
+class ResumePoint:
+    """Where an offline run can continue exactly, between two render chunks (engine/resume.py saves it beside a
+    render). Everything else a run needs is recomputed: the noise is drawn per global frame, the pose noise per
+    window index, the audio tokens per window."""
+
+    chunk: int  # the first render chunk still to render
+    frame: int  # the first frame still to emit (= frames already emitted)
+    pose: PoseState  # Stage I restarts at pose.window, the pose window that holds that chunk's first frame
+    known: Any = None  # (1, 4, O, h, w) final latents of the chunk's overlap frames (a tensor; None: no overlap)
+
+    def __post_init__(self) -> None:
+        if self.chunk < 0 or self.frame < 0 or self.pose.window < 0:
+            raise ValueError(f"ResumePoint: chunk, frame and window must be >= 0, got {self.chunk}, {self.frame}, "
+                             f"{self.pose.window}")
 
 
 @dataclass(frozen=True)
@@ -176,4 +207,5 @@ class FrameSink(Protocol):
     def close(self, ok: bool) -> None: ...
 
 
-__all__ = ["AudioChunk", "PoseWindow", "FrameBatch", "RunMeta", "FrameSink", "FPS", "SAMPLE_RATE", "N_KEYPOINTS"]
+__all__ = ["AudioChunk", "PoseWindow", "FrameBatch", "PoseState", "ResumePoint", "RunMeta", "FrameSink", "FPS",
+           "SAMPLE_RATE", "N_KEYPOINTS"]

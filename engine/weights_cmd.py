@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from engine.options import DefaultsHelpFormatter
 from engine.release_files import STATE_DIR, Component, FetchedFile, FetchRecord, components, needed_files
 
 log = logging.getLogger("engine.weights")
@@ -504,7 +505,7 @@ def add_weights_parser(subparsers) -> None:
     actions = w.add_subparsers(dest="weights_action", metavar="ACTION", required=True)
 
     f = actions.add_parser("fetch", help="download every file of the release layout from its hub repository",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           formatter_class=DefaultsHelpFormatter,
                            description="Download exactly the files the release layout needs (see "
                                        "engine/release_files.py) into DIR, each from its hub repository. Shows the "
                                        "total size first; resumable: a re-run skips complete files and continues "
@@ -518,7 +519,7 @@ def add_weights_parser(subparsers) -> None:
     f.set_defaults(func=cmd_fetch)
 
     c = actions.add_parser("check", help="one line per component: present, size, intact, strict key check",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           formatter_class=DefaultsHelpFormatter,
                            description="Check every component of the release layout in DIR with the loader the "
                                        "engine uses: missing files, git-lfs pointers, truncated or corrupt files and "
                                        "any missing, unexpected or mis-shaped key are named, one line per component. "

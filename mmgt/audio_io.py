@@ -3,22 +3,26 @@
 Owns ``AudioError`` (the one exception for unusable audio input), ``to_mono``, ``resample`` (soxr, as librosa),
 ``load_audio`` (any file PyAV reads -> 16 kHz float32 mono), the waveform / frame-count checks the feature
 paths share (``_as_numpy_wave``, ``_check_frames``) and ``frames_for_samples`` (audio length -> 25 fps frames).
-PyAV and librosa are imported inside the functions that need them.
+PyAV and librosa are imported inside the functions that need them, and torch is not imported at all (a tensor can
+only be passed in once it is), so a command checks and decodes its audio before the model stack is loaded.
 """
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
-from typing import List, Union
+from typing import TYPE_CHECKING, List, Union
 
 import numpy as np
-import torch
 
 from mmgt.config import AUDIO_SAMPLE_RATE, FPS
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
-Waveform = Union[np.ndarray, torch.Tensor]
+Waveform = Union[np.ndarray, "torch.Tensor"]
 PathLike = Union[str, Path]
 
 
@@ -30,13 +34,19 @@ class AudioError(ValueError):
 # Decoding and resampling
 # ----------------------------------------------------------------------------------------------------------------
 
+def _is_tensor(x: object) -> bool:
+    """``x`` is a torch tensor (without importing torch: if it is not imported, nothing can be a tensor)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def to_mono(x: Waveform, axis: int = 0) -> np.ndarray:
     """Mix a waveform down to float32 mono by averaging channels (as librosa.load does).
 
     ``x`` is 1-D (already mono) or 2-D with channels on ``axis`` (0: channels-first like PyAV/librosa; use
     ``axis=1`` for sounddevice's (frames, channels)). Integer PCM is scaled to [-1, 1].
     """
-    if isinstance(x, torch.Tensor):
+    if _is_tensor(x):
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
     if x.ndim not in (1, 2):
@@ -60,7 +70,7 @@ def resample(wav: Waveform, src_rate: int, dst_rate: int) -> np.ndarray:
 
     if src_rate <= 0 or dst_rate <= 0:
         raise AudioError(f"resample: sample rates must be positive, got {src_rate} -> {dst_rate}")
-    if isinstance(wav, torch.Tensor):
+    if _is_tensor(wav):
         wav = wav.detach().cpu().numpy()
     wav = np.asarray(wav, dtype=np.float32)
     if src_rate == dst_rate:
@@ -76,7 +86,8 @@ def load_audio(path: PathLike, sample_rate: int = AUDIO_SAMPLE_RATE) -> np.ndarr
     Works for wav, mp3, flac, m4a, the audio of an mp4, ... at any rate and channel count: PyAV's resampler
     changes the rate (keeping the channels), then channels are averaged (librosa.load's mixdown, whatever the
     layout: an 8-channel file gives the mean of its 8 channels).
-    Raises AudioError for a missing file, an unreadable file, no audio stream, or 0 samples.
+    Raises AudioError for a missing file, an unreadable file, no audio stream, or 0 samples. A stream that fails
+    to decode after some audio (a truncated file's broken last packet) keeps what decoded, with a warning.
     """
     import av
 
@@ -104,7 +115,10 @@ def load_audio(path: PathLike, sample_rate: int = AUDIO_SAMPLE_RATE) -> np.ndarr
             # flush the resampler's delay line
             chunks.extend(_interleaved(out) for out in resampler.resample(None))
         except av.FFmpegError as exc:
-            raise AudioError(f"{path}: decoding the audio stream failed ({exc})") from exc
+            if not any(c.shape[0] for c in chunks):
+                raise AudioError(f"{path}: decoding the audio stream failed ({exc})") from exc
+            logger.warning("%s: decoding stopped after %.2f s (%s); the file looks truncated, the rest is left out",
+                           path, sum(c.shape[0] for c in chunks) / sample_rate, exc)
 
     chunks = [c for c in chunks if c.shape[0] > 0]
     if not chunks:
@@ -127,7 +141,7 @@ def _interleaved(frame) -> np.ndarray:
 
 def _as_numpy_wave(wav: Waveform, what: str) -> np.ndarray:
     """1-D finite float32 numpy waveform, or an AudioError naming ``what``."""
-    if isinstance(wav, torch.Tensor):
+    if _is_tensor(wav):
         wav = wav.detach().float().cpu().numpy()
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim != 1:

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import textwrap
 from pathlib import Path
 
-from engine.options import ASSETS, CLIError, add_model_flags, add_settings_flags, read_image, settings_from
+from engine.options import (ASSETS, CLIError, RawDefaultsHelpFormatter, add_model_flags, add_settings_flags,
+                            read_image, settings_from)
+from engine.preflight import check_model_flags, live_settings
 from engine.settings import LIVE, LIVE_CPU
 
 log = logging.getLogger("engine.serve")
@@ -77,23 +81,36 @@ def add_voice_flag(parser) -> None:
                              "'mmgt-engine[piper]')")
 
 
+def _describe(s) -> str:
+    """The numbers of a live settings preset, in a few words."""
+    steps = "the preset's denoising steps" if s.steps is None else f"{s.steps} denoising step{'s' * (s.steps != 1)}"
+    return (f"hop {s.hop}, lookahead {s.lookahead}, chunk {s.chunk}, overlap {s.overlap}, {steps}, "
+            f"{s.smga_steps} pose steps")
+
+
+def _fill(text: str) -> str:
+    """A paragraph of a hand-laid-out help text, wrapped as argparse wraps the rest."""
+    return textwrap.fill(text, max(40, shutil.get_terminal_size().columns - 2))
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `serve` command to the `engine` command line."""
+    name, base, why = live_settings()  # on this machine, decided without torch (a GPU driver or not)
     p = subparsers.add_parser(
         "serve", help="live avatar over WebRTC: a demo page, microphone or file in, avatar video + audio out",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=REACH,
-        description="Serve the live presenter: open http://HOST:PORT/ in a browser, press start, speak (or pick an "
-                    "audio file); the avatar video and the matching audio come back over WebRTC, on one media "
-                    "clock. While nobody speaks the avatar idles. The models are loaded once and shared by all "
-                    "sessions (each with its own avatar: --image, --avatars, or uploaded on the page). Text typed "
-                    "on the page (or POST /say/SESSION) is spoken by the avatar (espeak-ng, or --voice), and "
-                    "Interrupt (POST /interrupt/SESSION) stops it mid-sentence. The calls "
-                    "that sessions make at the same time can run as one batched call (--batching). Scheduling "
-                    "defaults: "
-                    "engine/settings.py LIVE on a GPU; on a CPU the cheaper engine/settings.py LIVE_CPU (hop 8, "
-                    "lookahead 2, chunk 8, no overlap, 1 step, 2 pose steps); both wait for 10 frames (400 ms) of "
-                    "audio at most. The flags below override either; --latency-target picks the layout by "
-                    "measurement.")
+        formatter_class=RawDefaultsHelpFormatter, epilog=REACH,
+        description=_fill(
+            "Serve the live presenter: open http://HOST:PORT/ in a browser, press start, speak (or pick an audio "
+            "file); the avatar video and the matching audio come back over WebRTC, on one media clock. While nobody "
+            "speaks the avatar idles. The models are loaded once and shared by all sessions, each with its own "
+            "avatar (--image, --avatars, or uploaded on the page). Text typed on the page (or POST /say/SESSION) is "
+            "spoken by the avatar (espeak-ng, or --voice), and Interrupt (POST /interrupt/SESSION) stops it "
+            "mid-sentence. The calls that sessions make at the same time can run as one batched call "
+            "(--batching).") + "\n\n" + _fill(
+            f"Scheduling on this machine: engine/settings.py {name} ({_describe(base)}), because {why}. "
+            f"engine/settings.py LIVE is for a GPU ({_describe(LIVE)}), LIVE_CPU for a CPU ({_describe(LIVE_CPU)}); "
+            "both wait for 10 frames (400 ms) of audio at most. --device picks the other one, the flags below "
+            "override single values, and --latency-target picks the layout by measurement."))
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1",
                      help="HTTP bind address for the page and signalling (default 127.0.0.1: this machine only; "
@@ -117,8 +134,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--mic-device", metavar="DEV", help="input device index or name for --mic (default: system's)")
     add_voice_flag(src)
     av = p.add_argument_group("avatar")
-    av.add_argument("--image", type=Path, help="reference image of the person: the default avatar (default: the "
-                                               "bundled portrait)")
+    av.add_argument("--image", type=Path, help="reference image of the person, the avatar a session gets unless it "
+                                               "picks another (default: the bundled portrait)")
     av.add_argument("--avatars", type=Path, metavar="DIR",
                     help="every image in DIR is an avatar a session can pick (id = file name without extension); "
                          "the page lists them and can upload more")
@@ -135,7 +152,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     live.add_argument("--start-margin", type=float, default=0.25,
                       help="playout delay after the first frame, absorbs render jitter (seconds, default 0.25)")
     add_model_flags(p)
-    add_settings_flags(p, LIVE)
+    add_settings_flags(p, base, name)
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -144,7 +161,11 @@ def cmd_serve(args) -> int:
     """Load the models and the avatar once, then serve until Ctrl-C."""
     from engine.extras import require_extra
 
-    # 1. the optional live stack (and the microphone's), before a model is loaded: one line naming the extra
+    # 1. the flags, before anything heavy is imported (the settings are checked against the base this machine gets)
+    check_model_flags(args)
+    name, base, why = live_settings(args.device)
+    settings = settings_from(args, base)
+    # 2. the optional live stack (and the microphone's), before a model is loaded: one line naming the extra
     require_extra("serve")
     if args.mic:
         require_extra("mic", "--mic")
@@ -153,7 +174,7 @@ def cmd_serve(args) -> int:
     from streaming.session import SessionOptions, min_queue_frames
     from streaming.tts import TTSUnavailable, make_tts
 
-    # 2. a /say voice asked for by name must work: checked before a model is loaded (without --voice the server
+    # 3. a /say voice asked for by name must work: checked before a model is loaded (without --voice the server
     # makes espeak-ng's default; where that is missing it serves anyway and /say answers 503 saying how to get it)
     tts = None
     if args.voice:
@@ -162,8 +183,13 @@ def cmd_serve(args) -> int:
         except TTSUnavailable as e:
             raise CLIError(f"--voice: {e}") from e
 
-    device = resolve_device(args.device)
-    settings = with_preset_steps(settings_from(args, LIVE if device.startswith("cuda") else LIVE_CPU), args)
+    # 4. torch decides the device; a driver it cannot use (a CPU build of torch) means the CPU settings after all
+    if resolve_device(args.device).startswith("cuda") != (base is LIVE):
+        name, base, why = ("LIVE", LIVE, "torch sees a GPU") if base is not LIVE else ("LIVE_CPU", LIVE_CPU,
+                                                                                      "torch sees no GPU")
+        settings = settings_from(args, base)
+    settings = with_preset_steps(settings, args)
+    log.info("live settings: %s (%s), with the flags given: %s", name, why, settings)
     try:
         queue = args.queue_frames or max(100, min_queue_frames(settings))
         options = SessionOptions(settings=settings, queue_frames=queue, start_margin=args.start_margin)

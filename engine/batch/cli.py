@@ -10,11 +10,13 @@ The manifest is JSON lines (one object per line) or CSV with a header row. Every
 ``overlap``, ``pose`` (keypoints that replace Stage I) and ``init_pose`` (the reference image's pose). Relative
 paths are read against the manifest's folder. Blank lines and lines starting with ``#`` are skipped.
 
-Every job leaves DIR/<output>.mp4 (written to a temp file, renamed only when complete) and DIR/<output>.json, its
-report: status (ok / error / skipped), frames, durations, first-frame latency, real-time factor, the settings, the
-model, and the sha256 of every input. A re-run skips a job whose mp4 and report are complete and whose inputs,
-settings and model are unchanged, and renders the rest; a failing job is reported and the others go on. The exit
-code is 0 only when every job succeeded (rendered or skipped); 1 when a job failed; 2 for a bad manifest or flag.
+Every job leaves DIR/<output>.mp4 (written in segments into DIR/.<output>.mp4.resume/, joined into a temp file and
+renamed only when complete; a job killed mid-render continues from its last segment on the next run, --force starts
+it over) and DIR/<output>.json, its report: status (ok / error / skipped), frames, durations, first-frame latency,
+real-time factor, the settings, the model, and the sha256 of every input. A re-run skips a job whose mp4 and report
+are complete and whose inputs, settings and model are unchanged, and renders the rest; a failing job is reported and
+the others go on. The exit code is 0 only when every job succeeded (rendered or skipped); 1 when a job failed; 2 for
+a bad manifest or flag.
 
 With ``--ray`` every job to render becomes one Ray task; each worker process loads the models once (and keeps them
 for the jobs it runs) and writes the mp4 itself, so inputs and DIR must be paths every node sees (a shared
@@ -28,10 +30,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from engine.batch.run import run_batch, sigterm_as_interrupt
+from engine.batch.run import run_batch
 from engine.extras import install_hint, require_extra
-from engine.options import (CLIError, add_audio_bitrate_flag, add_backend_flags, add_model_flags, add_settings_flags,
-                            setup_logging)
+from engine.options import (CLIError, RawDefaultsHelpFormatter, add_audio_bitrate_flag, add_backend_flags,
+                            add_model_flags, add_settings_flags, interrupt_exit_code, setup_logging,
+                            sigterm_as_interrupt)
+from engine.preflight import check_device
 from engine.settings import OFFLINE
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,8 @@ def cmd_batch(args) -> int:
     """`engine batch`: exit code 0 when every job is rendered or skipped, 1 when one failed."""
     if args.gpus_per_job < 0 or args.cpus_per_job < 0 or args.ray_num_cpus < 1 or (args.threads or 1) < 1:
         raise CLIError("--gpus-per-job and --cpus-per-job must be >= 0, --ray-num-cpus and --threads >= 1")
+    if not args.ray:  # Ray workers run on other machines: their devices are theirs
+        check_device(args.device)
     if args.gpus_per_job and not args.ray:
         log.warning("--gpus-per-job applies to Ray tasks only; without --ray jobs run here on --device")
     if args.ray:
@@ -73,7 +79,7 @@ def _add_batch_args(p: argparse.ArgumentParser) -> None:
 def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     """Register `engine batch` on the CLI's subparsers."""
     p = subparsers.add_parser("batch", help="render many jobs from a manifest (resumable; optional Ray fan-out)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=RawDefaultsHelpFormatter)
     _add_batch_args(p)
     p.set_defaults(func=cmd_batch)
     return p
@@ -83,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """`python -m engine.batch MANIFEST --out-dir DIR ...`: the batch command on its own (same flags and exit
     codes as `engine batch`)."""
     ap = argparse.ArgumentParser(prog="engine batch", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=RawDefaultsHelpFormatter)
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     _add_batch_args(ap)
@@ -94,9 +100,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CLIError as e:
         print(f"engine batch: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("engine batch: interrupted; no partial output was left", file=sys.stderr)
-        return 130
+        return interrupt_exit_code(e)
 
 
 

@@ -37,6 +37,7 @@ class JobPayload:
     model_args: argparse.Namespace  # the model and settings flags, for engine.models.load_model_set
     threads: Optional[int] = None  # torch CPU threads (None: leave the process's setting)
     audio_bitrate: Optional[int] = None  # AAC bits/s of the video's audio (None: copy the source's, or by channels)
+    restart: bool = False  # ignore what an interrupted render of this job kept beside its mp4 (--force)
 
 
 # One model set per process, keyed by its flags (a Ray worker keeps it across the tasks it runs), and the avatars
@@ -130,11 +131,11 @@ BarFactory = Callable[[int], Any]  # total frames -> a tqdm-like context manager
 
 
 def _render(p: JobPayload, bar_factory: Optional[BarFactory]) -> Dict[str, Any]:
+    from engine.models import ModelOptions
+    from engine.options import read_audio
+    from engine.resume import ResumableMp4Sink, Sidecar, fingerprint, model_identity
     from engine.runner import Runner
     from engine.scheduler import frames_for_samples
-    from engine.sinks import Mp4Sink
-    from engine.source_audio import SourceAudio
-    from mmgt.audio_io import load_audio
     from mmgt.keypoints import load_pose_file
 
     out = Path(p.output)
@@ -145,8 +146,7 @@ def _render(p: JobPayload, bar_factory: Optional[BarFactory]) -> Dict[str, Any]:
         torch.set_num_threads(p.threads)
     # 1. inputs first: a bad file fails before a model is loaded
     image = read_image(Path(p.image))
-    audio = load_audio(p.audio)  # (N,) float32 16 kHz; AudioError names the file
-    source = SourceAudio.probe(p.audio)  # what the mp4 carries: the source's own audio
+    audio, source = read_audio(Path(p.audio))  # (N,) float32 16 kHz; the source's own audio for the mp4
     poses = None
     if p.pose:
         try:
@@ -158,12 +158,21 @@ def _render(p: JobPayload, bar_factory: Optional[BarFactory]) -> Dict[str, Any]:
     init_pose = Path(p.init_pose) if p.init_pose else None
     avatar = cached_avatar(models, p.model_args, Path(p.image), image, init_pose)
     models, warmup_seconds = _accelerated(models, p.model_args, p.settings, avatar)
-    # 3. the render: Mp4Sink writes a temp file and renames it over `out` only when complete
+    # 3. the render: segments beside `out` (a killed job continues from its last one), joined into `out` at the end
     runner = Runner(models, avatar, p.settings, poses=poses)
-    sink = Mp4Sink(out, source, audio_bitrate=p.audio_bitrate)
+    sidecar = Sidecar(out)
+    inputs = {"image": p.image, "audio": p.audio, "pose": p.pose, "init_pose": p.init_pose}
+    key = fingerprint(inputs, p.settings, model_identity(ModelOptions.from_args(p.model_args), models))
+    saved = sidecar.load(key) if sidecar.exists() and not p.restart else None
+    start = saved.point if saved is not None else None
+    if start is not None:
+        log.info("job %s: resuming from frame %d (%s)", p.name, start.frame, sidecar.dir)
+    sink = ResumableMp4Sink(out, source, sidecar, key, saved, audio_bitrate=p.audio_bitrate)
     bar = bar_factory(frames_for_samples(len(audio))) if bar_factory else contextlib.nullcontext()
     with bar:
-        report = runner.run(audio, sink, progress=getattr(bar, "update", None))
+        if start is not None and hasattr(bar, "update"):
+            bar.update(start.frame)
+        report = runner.run(audio, sink, progress=getattr(bar, "update", None), start=start)
     metrics = {k: v for k, v in asdict(report).items() if k not in ("events", "settings")}
     return {"frames": report.frames, "duration_seconds": report.media_seconds, "audio_seconds": report.audio_seconds,
             "first_frame_latency": report.first_frame_latency, "real_time_factor": report.real_time_factor,

@@ -4,22 +4,19 @@ once), render the rest here or on Ray, write each job's report, print the summar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import signal
-import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from engine.batch.fingerprint import (JobInputError, complete_report, file_digest, fingerprint, model_identity,
                                       write_json)
 from engine.batch.job import MODEL_KEYS, JobPayload, run_job
 from engine.batch.manifest import Job, read_manifest
 from engine.batch.ray_exec import run_on_ray
-from engine.options import CLIError, settings_from
+from engine.options import CLIError, settings_from, sigterm_as_interrupt  # noqa: F401 (re-exported)
 from engine.settings import OFFLINE, RenderSettings
 
 log = logging.getLogger(__name__)
@@ -87,12 +84,12 @@ def _plan(jobs: List[Job], out_dir: Path, base: RenderSettings, model: Dict[str,
     return items
 
 
-def _payload(item: _Item, model_args: argparse.Namespace, threads: Optional[int],
-             audio_bitrate: Optional[int]) -> JobPayload:
+def _payload(item: _Item, model_args: argparse.Namespace, threads: Optional[int], args) -> JobPayload:
     j = item.job
     return JobPayload(name=j.name, image=str(j.image), audio=str(j.audio), pose=str(j.pose) if j.pose else None,
                       init_pose=str(j.init_pose) if j.init_pose else None, output=str(item.mp4),
-                      settings=item.settings, model_args=model_args, threads=threads, audio_bitrate=audio_bitrate)
+                      settings=item.settings, model_args=model_args, threads=threads,
+                      audio_bitrate=args.audio_bitrate, restart=bool(getattr(args, "force", False)))
 
 
 def _model_args(args) -> argparse.Namespace:
@@ -110,7 +107,7 @@ def _run_local(todo: List[_Item], model_args, done: Callable[[_Item, Dict[str, A
             return tqdm(total=total, unit="frame", desc=name, position=1, leave=False,
                         disable=getattr(args, "quiet", False) or None)
 
-        done(item, run_job(_payload(item, model_args, args.threads, args.audio_bitrate), bar))
+        done(item, run_job(_payload(item, model_args, args.threads, args), bar))
 
 
 def format_summary(items: List[_Item], out_dir: Path) -> str:
@@ -145,31 +142,13 @@ def format_summary(items: List[_Item], out_dir: Path) -> str:
     return "\n".join([*(line(row) for row in rows), f"{tail} (reports in {out_dir})"])
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt (as Ctrl-C does), so the runner discards the temp mp4 of the job in
-    progress; a second SIGTERM kills at once (its temp file is removed by the next run of that job)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def run_batch(args) -> Tuple[int, List[_Item]]:
     """The whole command: (exit code, items with their reports). Prints the summary table."""
     from tqdm import tqdm
 
     # 1. manifest, output folder, settings: every problem here is a one-line error before any work
     jobs = read_manifest(args.manifest)
+    base = settings_from(args, OFFLINE)
     out_dir = Path(args.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +158,6 @@ def run_batch(args) -> Tuple[int, List[_Item]]:
         raise CLIError(f"--out-dir {out_dir}: not writable")
     out_dir = out_dir.resolve()
     model = model_identity(args)
-    base = settings_from(args, OFFLINE)
     # 2. plan: digests, skips, missing inputs
     items = _plan(jobs, out_dir, base, model, args.force)
     todo = [it for it in items if it.report is None]
@@ -194,7 +172,7 @@ def run_batch(args) -> Tuple[int, List[_Item]]:
                 jobs_bar.update(1)
 
             if todo and args.ray:  # Ray workers get their threads from their CPU share (engine.batch.ray_exec)
-                payloads = [(item, _payload(item, _model_args(args), None, args.audio_bitrate)) for item in todo]
+                payloads = [(item, _payload(item, _model_args(args), None, args)) for item in todo]
                 run_on_ray(payloads, done, args)
             elif todo:
                 _run_local(todo, _model_args(args), done, args)

@@ -280,7 +280,7 @@ def test_sigterm_mid_job_leaves_no_partial_mp4_and_the_next_run_completes(tmp_pa
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 150
-        while not list(out_dir.glob(".long.mp4.*.part")):  # the sink is open: the job is being rendered
+        while not (out_dir / ".long.mp4.resume").is_dir():  # the sink is open: the job is being rendered
             assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
             assert time.monotonic() < deadline, "the render never started"
             time.sleep(0.05)
@@ -290,10 +290,11 @@ def test_sigterm_mid_job_leaves_no_partial_mp4_and_the_next_run_completes(tmp_pa
         if proc.poll() is None:
             proc.kill()
         log.close()
-    assert rc == 130, (tmp_path / "stderr.txt").read_text()
+    assert rc == 143, (tmp_path / "stderr.txt").read_text()
     assert "interrupted" in (tmp_path / "stderr.txt").read_text()
     assert not (out_dir / "long.mp4").exists()
-    assert not list(out_dir.glob(".long.mp4.*")), "the temp file was removed"
+    assert not list(out_dir.glob(".long.mp4.*.part")), "the temp file was removed"
+    assert {p.name for p in out_dir.iterdir()} <= {".long.mp4.resume"}  # at most the documented resume folder
     assert not (out_dir / "long.json").exists()  # no report: the job is not done
     # the next run completes it
     rc, stdout, _ = run_batch([manifest, "--out-dir", out_dir, *FLAGS])

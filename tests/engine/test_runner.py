@@ -326,9 +326,9 @@ def _live_pose_seams(models, avatar, settings, speech, monkeypatch) -> tuple:
     emitted = []
     conditions = R._PoseStage._conditions
 
-    def record(stage, w, kps, wav):
+    def record(stage, w, kps, wav, *rest):
         emitted.append((w.start, kps.copy()))  # (F, 134, 3) pixel keypoints the window emits
-        return conditions(stage, w, kps, wav)
+        return conditions(stage, w, kps, wav, *rest)
 
     monkeypatch.setattr(R._PoseStage, "_conditions", record)
     audio = speech[: 120 * 640]

@@ -242,3 +242,21 @@ def test_stream_chunk_planner_matches_finite_plan(total, chunk, overlap):
         assert all(c.start + c.n_frames <= p.frames for c in got)
     got += p.finish()
     assert got == plan_chunks(total, chunk, overlap)
+
+
+@pytest.mark.parametrize("total", [17, 100, 333])
+@pytest.mark.parametrize("chunk, overlap, hop", [(16, 4, 76), (12, 4, 20), (32, 8, 40)])
+def test_stream_chunk_planner_resumed_mid_stream_gives_the_tail_of_the_plan(total, chunk, overlap, hop):
+    """A resumed run starts the planner at chunk j with the poses from the start of the window holding that chunk's
+    first frame: it hands out exactly plan_chunks' chunks from j on."""
+    plan = plan_chunks(total, chunk, overlap)
+    for j in range(1, len(plan)):
+        first = plan[j].start // hop * hop  # the pose window that holds chunk j's first frame
+        p = StreamChunkPlanner(chunk, overlap, first_index=j, frames=first)
+        got = []
+        for start in range(first, total, hop):  # whole pose windows, as Stage I emits them
+            got += p.push(min(hop, total - start))
+        got += p.finish()
+        assert got == plan[j:], (j, first)
+    with pytest.raises(ValueError, match="past the start of chunk 2"):
+        StreamChunkPlanner(16, 4, first_index=2, frames=30)

@@ -212,3 +212,17 @@ def test_cqt_basis_memo_falls_back_to_plain_librosa_without_the_function(fresh_m
     A._set_vqt_basis_memo(True)
     A.librosa_features(click_train(), 80)  # librosa back: installed on the next call
     assert isinstance(getattr(constantq, VQT_BASIS), A._FilterBasisMemo)
+
+
+def test_silence_and_short_windows_raise_no_warning_per_window():
+    """librosa warns about silent input (chroma's tuning estimate finds no pitch) and short windows (its CQT FFT
+    exceeds the decimated signal); both are expected, so a live stream must not print one per window."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's default: once per location, unless something resets it
+        for _ in range(3):
+            feats = A.librosa_features(np.zeros(80 * 640, np.float32), 80)  # a silent window
+            A.librosa_features(np.zeros(8 * 640, np.float32), 8)  # a short one
+    assert np.isfinite(feats).all()
+    assert [str(w.message) for w in caught if "librosa" in w.filename] == []
