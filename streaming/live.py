@@ -399,6 +399,7 @@ class LivePresenter:
         self.slots = 0  # slots played
         self.pictures = 0  # pictures sent to the camera / preview
         self.late_pictures = 0  # pictures sent more than a slot after their audio was heard (a busy machine)
+        self.lateness: Deque[Tuple[Optional[int], float]] = deque(maxlen=1500)  # (engine frame, s sent after due)
         self.delays: Deque[float] = deque(maxlen=250)  # audio write -> heard (s), the pictures' wait
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
@@ -419,7 +420,7 @@ class LivePresenter:
 
     def _playout(self) -> None:
         """Slot k: its audio to the device now, its picture when that audio is heard (one thread, two deadlines)."""
-        pending: Deque[Tuple[float, np.ndarray]] = deque()  # (when to send, picture), in order
+        pending: Deque[Tuple[float, Optional[int], np.ndarray]] = deque()  # (when to send, frame, picture)
         try:
             while not self.stop.is_set() and not self.player.clock.started.is_set():
                 try:
@@ -437,16 +438,17 @@ class LivePresenter:
                         break
                     continue
                 if picture_due <= slot_due:  # 1. a picture whose audio is being heard now
-                    when, picture = pending.popleft()
+                    when, frame, picture = pending.popleft()
                     if now - when > 1.0 / FPS:
                         self.late_pictures += 1
                     self._send(picture)
+                    self.lateness.append((frame, time.monotonic() - when))
                     continue
                 slot = self.player.next(now)  # 2. the next slot: its audio goes out now
                 wait = self.audio.write(slot.audio) if self.audio is not None else 0.0
                 self.delays.append(wait)
                 when = time.monotonic() + wait
-                pending.append((max(when, pending[-1][0]) if pending else when, slot.picture))
+                pending.append((max(when, pending[-1][0]) if pending else when, slot.frame, slot.picture))
                 self.slots += 1
         except Exception as e:  # noqa: BLE001 - reported by run(), which stops the presenter
             log.exception("live: playout failed")

@@ -45,6 +45,8 @@ class PlayerOptions:
     cover_interrupted: bool = True  # after an interrupt, idle pictures replace the frames rendered from the speech
     idle_frames: int = 50  # idle pictures kept for that (2 s), played back and forth
     cover_margin_frames: int = 4  # frames after the interrupted speech covered too (lookahead, pose continuity)
+    idle_guard: float = 0.4  # a picture is idle when its audio is quiet and no speech is this near (s): pauses
+    # inside an utterance are not idling
     fade_frames: int = 3  # slots of cross-fade into and out of the idle pictures
 
 
@@ -93,6 +95,15 @@ class SlotPlayer:
         with self._cover_lock:
             self._covers.append((lo, hi))
         log.info("player: frames %d-%d (interrupted speech) covered by idle pictures", lo, hi - 1)
+
+    def _idles(self, e: int, audio: np.ndarray) -> bool:
+        """Engine frame ``e`` shows the avatar idling: its audio (``audio``) is quiet and the speech queue put no
+        speech within ``idle_guard`` of it."""
+        if float(np.sqrt(np.mean(np.square(audio)))) >= QUIET_RMS:
+            return False
+        guard = int(self.options.idle_guard * SAMPLE_RATE)
+        near = self.session.speech.emitted.read(e * SAMPLES_PER_FRAME - guard, (e + 1) * SAMPLES_PER_FRAME + guard)
+        return not near.any()
 
     def _covered(self, e: Optional[int]) -> bool:
         if e is None:
@@ -191,7 +202,7 @@ class SlotPlayer:
         # 3. idle pictures are remembered; interrupted speech is covered with them
         covered = self._covered(e)
         index = max(self._last_index, 0)
-        if fresh and not covered and float(np.sqrt(np.mean(np.square(audio)))) < QUIET_RMS:
+        if fresh and not covered and self._idles(e, audio):
             self._idle.append((e, picture))
         if covered:
             self.covered_slots += 1

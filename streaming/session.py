@@ -142,8 +142,9 @@ class SessionCore:
             quiet_lead_frames=int(round(margin * FPS)) + (s.chunk - s.overlap) + 2)
         self.size = (models.cfg.resolution, models.cfg.resolution)  # (width, height) of a frame
         self.video_stats, self.audio_stats = TrackStats(), TrackStats()  # what the output sent (it counts there)
-        # called with (first, end) engine samples of the speech an interrupt took out of the audio: an output may
-        # hide the frames rendered from it (SlotPlayer does)
+        # called with (first, end) engine samples of the timeline an interrupt took speech out of (from the sample
+        # heard now to where speech stopped entering): an output may hide the frames rendered from it (SlotPlayer
+        # does)
         self.interrupt_listeners: List[Callable[[int, int], None]] = []
         self.report = None  # the engine's RunReport (None while running / when cancelled)
         self._stop = threading.Event()
@@ -218,7 +219,8 @@ class SessionCore:
                 self.record.write(lo, self.record.read(lo, end) - speech)
                 self.speech.emitted.write(lo, np.zeros_like(speech))
                 nz = np.flatnonzero(speech)
-                muted, span = int(nz[-1] - nz[0] + 1), (lo + int(nz[0]), lo + int(nz[-1]) + 1)
+                # the frames rendered from [lo, end) were driven by this speech, its pauses included
+                muted, span = int(nz[-1] - nz[0] + 1), (lo, end)
         if span is not None:
             for listener in list(self.interrupt_listeners):
                 listener(*span)

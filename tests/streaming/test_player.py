@@ -26,9 +26,10 @@ def stand_in(frames: int):
     audio[10 * SPF:] = 0.3 * np.sin(np.arange(len(audio) - 10 * SPF) / 3.0)
     record.append(audio)
     clock = MediaClock(lambda: sink.put_frames, start_margin=0.0, max_lead_frames=190, target_lead_frames=100)
+    speech = SimpleNamespace(emitted=AudioRecord(30))  # no speech from the queue: the audio alone says idle
     return SimpleNamespace(clock=clock, sink=sink, record=record, size=(64, 64), video_stats=TrackStats(),
                            audio_stats=TrackStats(), latency=SimpleNamespace(sent=lambda e, t: None),
-                           interrupt_listeners=[], closed=False)
+                           interrupt_listeners=[], closed=False, speech=speech)
 
 
 def test_slots_pair_each_frame_with_its_audio_and_hold_when_late():
@@ -65,6 +66,20 @@ def test_interrupted_speech_is_covered_by_idle_pictures():
     assert stamps[42:] == list(range(42, 50)) and not any(x.covered for x in played[42:])
     assert abs(body(played[42]) - (0.75 * body(played[41]) + 0.25 * 42)) < 1.0  # faded back in
     assert player.covered_slots == 22
+
+
+def test_pauses_inside_speech_are_not_idle_pictures():
+    s = stand_in(40)
+    audio = s.record.read(0, 40 * SPF)
+    audio[20 * SPF:24 * SPF] = 0.0  # a pause of 4 frames (160 ms) inside the speech ...
+    s.record.write(0, audio)
+    s.speech.emitted.append(audio)  # ... which the speech queue put in: frames 20-23 are quiet but not idling
+    player = SlotPlayer(s, PlayerOptions(idle_frames=50, idle_guard=0.2))
+    assert player.wait_first_frame(1)
+    for k in range(30):
+        player.next(now=s.clock.t0 + k / 25)
+    # speech from frame 10: frames 5-9 are within 0.2 s (5 frames) of it, the pause's frames inside it
+    assert [e for e, _ in player._idle] == [0, 1, 2, 3, 4]
 
 
 def test_play_emits_at_slot_times_until_stopped():
