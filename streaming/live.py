@@ -7,7 +7,7 @@ preview window (tkinter), plus the matching audio on a sound device, which a cal
 
 One SlotPlayer (streaming/player.py) pulls the session's slots; for slot k the playout thread writes its audio to the
 sound device at once and sends its picture when that audio reaches the device's output (the device's buffer and
-latency, measured from its callbacks: :meth:`AudioOut.write`). So the camera frame of slot k and the sound of slot k
+latency, measured from its callbacks: :meth:`AudioOut.when`). So the camera frame of slot k and the sound of slot k
 leave together, and the pictures follow the sound card's clock, 25 a second.
 """
 from __future__ import annotations
@@ -120,12 +120,14 @@ class AudioOut:
     """The avatar's audio on a sound device: a sounddevice OutputStream (16 kHz mono float32) whose callback takes
     what :meth:`write` queued, at the device's own pace (silence when nothing is queued).
 
-    :meth:`write` returns when the first sample written reaches the device's output (its DAC): the next callback's
-    time plus the device latency PortAudio reports for it, plus what is queued before. The pictures wait that long.
+    Every sample written has an index in the stream of written samples; :meth:`when` says when sample ``index``
+    reaches the device's output (its DAC): the next callback's time, plus the output latency PortAudio reports for
+    it, plus what is queued before it. Asked again at any moment, the answer follows what the device did since (a
+    late callback, an underrun), so a picture sent at ``when(index of its audio)`` leaves with its sound.
     """
 
     def __init__(self, device: Optional[Union[int, str]] = None, block: int = 320, max_buffer: float = 0.5,
-                 cushion: int = 640) -> None:
+                 cushion: int = 640, quiet: float = 0.003) -> None:
         try:
             import sounddevice as sd  # needs the PortAudio shared library at import time
         except (ImportError, OSError) as e:
@@ -134,15 +136,18 @@ class AudioOut:
         self.block, self.max_buffer = block, int(max_buffer * SAMPLE_RATE)
         self.cushion = cushion  # silence queued before the first write: slots come every 40 ms, callbacks every
         # block, so a write a little late would leave a callback without samples (a gap in the sound) without it
+        self.quiet = quiet  # queued samples below this level are silence that may be left out to catch up
         self._chunks: Deque[np.ndarray] = deque()
-        self._buffered = 0  # samples queued
+        self._buffered = 0  # samples queued, not yet taken
+        self._queued = 0  # samples ever queued (the index of the next one written)
+        self._gone = 0  # samples ever taken by the device, or left out of the queue (the index of the head)
         self._lock = threading.Lock()
         self._cb: Optional[Tuple[float, int, float]] = None  # (time of the last callback, its frames, DAC latency)
         self._stream_clock = True  # PortAudio's stream time is usable (some host APIs report 0: monotonic then)
         self.written = 0  # samples written
-        self.played = 0  # samples handed to the device (silence included)
         self.underruns = 0  # callbacks that found less queued than they needed, after the first write
         self.dropped = 0  # samples thrown away because more than max_buffer waited
+        self.trimmed = 0  # silent samples left out: after an underrun the queue (the delay) is back to the usual
         self.status_flags = 0  # callbacks PortAudio flagged (under/overflow on its side)
         name = "the default output device" if device is None else f"output device {device!r}"
         try:
@@ -180,6 +185,7 @@ class AudioOut:
                     self._chunks[0] = chunk[take:]
                 pos += take
             self._buffered -= pos
+            self._gone += pos
             if pos < frames and self.written:
                 self.underruns += 1
             current, dac = float(time_info.currentTime), float(time_info.outputBufferDacTime)
@@ -187,38 +193,72 @@ class AudioOut:
                 self._stream_clock = False
                 current, dac = time.monotonic(), time.monotonic() + float(self.stream.latency)
             self._cb = (current, frames, max(0.0, dac - current))
-            self.played += frames
         out[pos:] = 0.0
+
+    def when(self, index: int) -> float:
+        """time.monotonic() at which written sample ``index`` reaches the device's output (past: already heard)."""
+        with self._lock:
+            return time.monotonic() + self._until_locked(index)
 
     def delay(self) -> float:
         """Seconds from now until a sample written now reaches the device's output."""
         with self._lock:
-            return self._delay_locked()
+            return self._until_locked(self._queued)
 
-    def _delay_locked(self) -> float:
+    def _until_locked(self, index: int) -> float:
         if self._cb is None:  # not started yet: one block, the queue and the latency PortAudio expects
-            return (self.block + self._buffered) / SAMPLE_RATE + float(self.stream.latency)
+            return (self.block + index - self._gone) / SAMPLE_RATE + float(self.stream.latency)
         last, frames, latency = self._cb
         next_callback = max(0.0, last + frames / SAMPLE_RATE - self._now())
-        return next_callback + latency + self._buffered / SAMPLE_RATE
+        return next_callback + latency + (index - self._gone) / SAMPLE_RATE
 
-    def write(self, samples: np.ndarray) -> float:
-        """Queue (n,) float32 samples at 16 kHz; returns the seconds until the first of them is heard."""
+    def _leave_out_locked(self, n: int) -> None:
+        """Take ``n`` samples off the queue's head unplayed."""
+        while n > 0 and self._chunks:
+            head = self._chunks[0]
+            take = min(n, len(head))
+            if take == len(head):
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = head[take:]
+            self._buffered -= take
+            self._gone += take
+            n -= take
+
+    def _trim_silence_locked(self) -> None:
+        """A callback that came too late (an underrun on the device's side) left its samples queued: everything
+        after plays later. Leave silent samples at the queue's head out until it holds the usual (the cushion and a
+        block) again; speech is never cut."""
+        excess = self._buffered - (self.cushion + self.block)
+        while excess > 0 and self._chunks:
+            head = self._chunks[0]
+            loud = np.flatnonzero(np.abs(head) >= self.quiet)
+            take = min(len(head) if not len(loud) else int(loud[0]), excess)  # of its silent start
+            if take == 0:
+                return
+            self._leave_out_locked(take)
+            self.trimmed += take
+            excess -= take
+
+    def write(self, samples: np.ndarray) -> int:
+        """Queue (n,) float32 samples at 16 kHz; returns the index of the first (for :meth:`when`)."""
         s = np.asarray(samples, np.float32)
         with self._lock:
             if not self.written and self.cushion:
                 self._chunks.append(np.zeros(self.cushion, np.float32))
                 self._buffered += self.cushion
-            delay = self._delay_locked()
+                self._queued += self.cushion
+            self._trim_silence_locked()
+            index = self._queued
             self._chunks.append(s)
             self._buffered += len(s)
+            self._queued += len(s)
             self.written += len(s)
-            while self._buffered > self.max_buffer and len(self._chunks) > 1:  # the device fell behind the clock
-                old = self._chunks.popleft()
-                self._buffered -= len(old)
-                self.dropped += len(old)
-                delay -= len(old) / SAMPLE_RATE
-        return delay
+            if self._buffered > self.max_buffer:  # the device fell far behind the clock: drop the oldest
+                excess = self._buffered - self.max_buffer
+                self._leave_out_locked(excess)
+                self.dropped += excess
+        return index
 
 
 class PreviewWindow:
@@ -399,6 +439,7 @@ class LivePresenter:
         self.slots = 0  # slots played
         self.pictures = 0  # pictures sent to the camera / preview
         self.late_pictures = 0  # pictures sent more than a slot after their audio was heard (a busy machine)
+        self.skipped_pictures = 0  # pictures not sent because the next one was due already
         self.lateness: Deque[Tuple[Optional[int], float]] = deque(maxlen=1500)  # (engine frame, s sent after due)
         self.delays: Deque[float] = deque(maxlen=250)  # audio write -> heard (s), the pictures' wait
         self._thread: Optional[threading.Thread] = None
@@ -420,7 +461,12 @@ class LivePresenter:
 
     def _playout(self) -> None:
         """Slot k: its audio to the device now, its picture when that audio is heard (one thread, two deadlines)."""
-        pending: Deque[Tuple[float, Optional[int], np.ndarray]] = deque()  # (when to send, frame, picture)
+        pending: Deque[Tuple[int, float, Optional[int], np.ndarray]] = deque()  # (audio index, slot time, frame,
+        # picture), in order
+
+        def due(item) -> float:  # when the picture's audio is heard (asked now: the device may have slipped)
+            return self.audio.when(item[0]) if self.audio is not None else item[1]
+
         try:
             while not self.stop.is_set() and not self.player.clock.started.is_set():
                 try:
@@ -431,24 +477,26 @@ class LivePresenter:
             while not self.stop.is_set() and not self.session.closed:
                 now = time.monotonic()
                 slot_due = self.player.due()
-                picture_due = pending[0][0] if pending else math.inf
-                due = min(slot_due, picture_due)
-                if due > now:
-                    if self.stop.wait(due - now):
+                picture_due = due(pending[0]) if pending else math.inf
+                if min(slot_due, picture_due) > now:
+                    if self.stop.wait(min(slot_due, picture_due) - now):
                         break
                     continue
                 if picture_due <= slot_due:  # 1. a picture whose audio is being heard now
-                    when, frame, picture = pending.popleft()
-                    if now - when > 1.0 / FPS:
+                    item = pending.popleft()
+                    if pending and due(pending[0]) <= now:  # the next is due too (this thread ran late, or silence
+                        self.skipped_pictures += 1  # was left out of the audio): skip to it, no burst of stale ones
+                        continue
+                    if now - picture_due > 1.0 / FPS:
                         self.late_pictures += 1
-                    self._send(picture)
-                    self.lateness.append((frame, time.monotonic() - when))
+                    self._send(item[3])
+                    self.lateness.append((item[2], time.monotonic() - picture_due))
                     continue
                 slot = self.player.next(now)  # 2. the next slot: its audio goes out now
-                wait = self.audio.write(slot.audio) if self.audio is not None else 0.0
-                self.delays.append(wait)
-                when = time.monotonic() + wait
-                pending.append((max(when, pending[-1][0]) if pending else when, slot.frame, slot.picture))
+                index = self.audio.write(slot.audio) if self.audio is not None else 0
+                pending.append((index, slot.time, slot.frame, slot.picture))
+                if self.audio is not None:
+                    self.delays.append(self.audio.when(index) - time.monotonic())
                 self.slots += 1
         except Exception as e:  # noqa: BLE001 - reported by run(), which stops the presenter
             log.exception("live: playout failed")
@@ -499,13 +547,15 @@ class LivePresenter:
         """What was played: slots, pictures, holds, the audio path's delay and its losses (JSON-ready)."""
         s = self.session
         out = {"slots": self.slots, "pictures": self.pictures, "late_pictures": self.late_pictures,
+               "skipped_pictures": self.skipped_pictures,
                "holds": s.clock.holds, "frames_rendered": s.sink.put_frames, "frames_dropped": s.sink.dropped,
                "covered_slots": self.player.covered_slots, "speech": s.speech.stats()["utterances"]}
         if self.delays:
             out["audio_delay_ms"] = round(float(np.median(self.delays)) * 1000, 1)
         if self.audio is not None:
             out.update(audio_underruns=self.audio.underruns,
-                       audio_dropped_ms=round(self.audio.dropped / SAMPLE_RATE * 1000, 1))
+                       audio_dropped_ms=round(self.audio.dropped / SAMPLE_RATE * 1000, 1),
+                       audio_silence_left_out_ms=round(self.audio.trimmed / SAMPLE_RATE * 1000, 1))
         return out
 
 

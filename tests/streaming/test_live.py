@@ -24,7 +24,8 @@ pyvirtualcam = pytest.importorskip("pyvirtualcam", reason="the live extra is mis
 sounddevice = pytest.importorskip("sounddevice", reason="the live extra is missing (sounddevice)")
 
 FAKE_LATENCY = 0.08  # the fake sound card's output latency (s)
-BURSTS = (0.6, 1.8, 3.0, 4.2, 5.4)  # tone bursts in the test speech (s into it)
+BURSTS = (0.6, 1.8, 3.0, 4.2, 5.4)  # tone bursts in the test speech (s into it), one frequency each
+TONES = (500.0, 700.0, 900.0, 1100.0, 1300.0)  # Hz
 ON_TIME = 0.015  # a picture sent this late or less after its due time was sent on time (s)
 
 
@@ -55,7 +56,8 @@ class FakeCameraBackend:
 class FakeOutputStream:
     """sounddevice.OutputStream on a simulated sound card: the callback runs every ``blocksize`` samples of an ideal
     clock (time.monotonic), told that its buffer reaches the output FAKE_LATENCY later; what it plays is kept with
-    that output time."""
+    that output time. Like a real card, it never falls behind: a block whose callback could not run in time (the
+    machine busy) is played as silence."""
 
     instances = []
 
@@ -64,6 +66,7 @@ class FakeOutputStream:
         self.samplerate, self.blocksize, self.callback = samplerate, blocksize, callback
         self.latency = FAKE_LATENCY
         self.played = []  # (output time of the block's first sample, (blocksize,) float32)
+        self.underflows = 0  # blocks whose callback came too late: silence played
         self._stop = threading.Event()
         self._thread = None
         FakeOutputStream.instances.append(self)
@@ -74,15 +77,18 @@ class FakeOutputStream:
 
     def start(self):
         def run():
-            t0, n = time.monotonic(), 0
+            t0, n, block = time.monotonic(), 0, self.blocksize / self.samplerate
             while not self._stop.is_set():
-                now_device = t0 + n * self.blocksize / self.samplerate
+                now_device = t0 + n * block
                 delay = now_device - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
                 out = np.zeros((self.blocksize, 1), np.float32)
-                info = SimpleNamespace(currentTime=now_device, outputBufferDacTime=now_device + FAKE_LATENCY)
-                self.callback(out, self.blocksize, info, None)
+                if time.monotonic() - now_device < block:
+                    info = SimpleNamespace(currentTime=now_device, outputBufferDacTime=now_device + FAKE_LATENCY)
+                    self.callback(out, self.blocksize, info, None)
+                else:  # its callback came too late (a starved thread): the card played silence, as a real one does
+                    self.underflows += 1
                 self.played.append((now_device + FAKE_LATENCY, out[:, 0].copy()))
                 n += 1
 
@@ -120,19 +126,28 @@ def live_settings():
 
 
 def burst_speech() -> np.ndarray:
-    """6 s of silence with 100 ms 1 kHz tone bursts at BURSTS (16 kHz)."""
+    """6 s of silence with 100 ms tone bursts at BURSTS, each of its own frequency (16 kHz)."""
     x = np.zeros(int(6.0 * 16000), np.float32)
     t = np.arange(1600) / 16000
-    for b in BURSTS:
+    for b, f in zip(BURSTS, TONES):
         i = int(b * 16000)
-        x[i:i + 1600] = 0.5 * np.sin(2 * np.pi * 1000 * t)
+        x[i:i + 1600] = 0.5 * np.sin(2 * np.pi * f * t)
     return x
 
 
-def onsets(signal: np.ndarray, level: float = 0.1, gap: int = 8000):
-    """Sample indices where ``signal`` first exceeds ``level`` after at least ``gap`` quieter samples."""
-    loud = np.flatnonzero(np.abs(signal) > level)
-    return [int(i) for k, i in enumerate(loud) if k == 0 or i - loud[k - 1] > gap]
+def onset_of(signal: np.ndarray, freq: float, level: float = 0.1):
+    """The first sample of the tone burst of ``freq`` in ``signal`` (None: not there): the 10 ms windows where that
+    tone is loud, and in the first of them the first sample above ``level``."""
+    n = len(signal) // 160 * 160
+    t = np.arange(160) / 16000
+    windows = signal[:n].reshape(-1, 160)  # (windows, 160)
+    amp = np.abs(windows @ np.exp(-2j * np.pi * freq * t)) / 80  # the tone's amplitude per window
+    hits = np.flatnonzero(amp > 0.25)
+    if not len(hits):
+        return None
+    first = max(0, hits[0] - 1) * 160
+    loud = np.flatnonzero(np.abs(signal[first:first + 640]) > level)
+    return first + int(loud[0]) if len(loud) else None
 
 
 def test_fit_picture_keeps_aspect_and_fills_edges():
@@ -205,30 +220,34 @@ def test_live_camera_and_audio_in_sync(fakes, tiny_models, tiny_avatar, live_set
     assert all(f.shape == (96, 128, 3) for _, f in backend.frames)
     gaps = np.diff(times)
     fps = (len(times) - 1) / (times[-1] - times[0])
-    print(f"camera: {len(times)} frames, {fps:.2f} fps, interval p50 {np.median(gaps) * 1000:.1f} ms, p95 "
-          f"{np.percentile(gaps, 95) * 1000:.1f} ms; summary {summary}")
-    assert abs(fps - 25.0) < 0.5, fps
-    assert abs(np.median(gaps) - 0.04) < 0.004
+    print(f"camera: {len(times)} frames, {fps:.2f} fps, interval p5 {np.percentile(gaps, 5) * 1000:.1f} ms, p50 "
+          f"{np.median(gaps) * 1000:.1f} ms, p95 {np.percentile(gaps, 95) * 1000:.1f} ms; summary {summary}")
+    # one picture per 40 ms; where the machine starved the playout thread, pictures are skipped, not bunched up
+    # (counted in the summary), so the rate may fall a little short of 25 on a machine busy with other work
+    assert abs(np.median(gaps) - 0.04) < 0.004, np.median(gaps)
+    assert 22.5 <= fps <= 25.5, fps
     # 2. the sound of each burst against the camera frame showing it
     from streaming.tracks import read_stamp
 
     start = session.speech.utterance(uid["id"])["start_sample"]
     t_first, played = stream.output()
-    heard = [t_first + i / 16000 for i in onsets(played)]
-    assert len(heard) == len(BURSTS), heard
     shown = {}
     for t, f in backend.frames:  # the stamp is readable at the frame size (the camera's picture is scaled)
         shown.setdefault(read_stamp(fit_back(f)), t)
     late = dict(reversed(presenter.lateness))  # engine frame -> how late its picture was sent (the first time)
-    on_time, sent_late = [], []
-    for b, t_audio in zip(BURSTS, heard):
+    on_time, sent_late, lost = [], [], []
+    for b, f in zip(BURSTS, TONES):
         sample = start + int(b * 16000)
         frame, within = divmod(sample, 640)
-        offset = (t_audio - (shown[frame] + within / 16000)) * 1000
-        (on_time if late[frame] <= ON_TIME else sent_late).append(round(offset, 1))
+        at = onset_of(played, f)
+        if at is None or frame not in shown:  # its slots were skipped: the playout thread starved for > 1 s
+            lost.append(b)
+            continue
+        offset = (t_first + at / 16000 - (shown[frame] + within / 16000)) * 1000
+        (on_time if late.get(frame, 1.0) <= ON_TIME else sent_late).append(round(float(offset), 1))
     print(f"audio - video at the bursts: {on_time} ms (pictures sent on time), {sent_late} ms (sent late: the machine "
-          f"was busy); audio delay {summary.get('audio_delay_ms')} ms")
-    assert len(on_time) >= 3, (on_time, sent_late)
+          f"was busy), {len(lost)} not played (skipped); audio delay {summary.get('audio_delay_ms')} ms")
+    assert len(on_time) >= 3, (on_time, sent_late, lost)
     assert max(abs(o) for o in on_time) <= 40.0, on_time
 
 
