@@ -5,6 +5,7 @@
     engine demo --out demo.mp4                                the bundled portrait + speech, no download
     engine export ...                                         ONNX / TensorRT artifacts (see `engine export --help`)
     engine serve                                              the live avatar over WebRTC (see `engine serve --help`)
+    engine live                                               the avatar to a virtual camera + sound device, no browser
     engine batch JOBS.jsonl --out-dir DIR                     many renders from a manifest, resumable (optional Ray)
     engine weights fetch|check|convert DIR                    download, verify or convert the release weights
     engine doctor [--weights DIR]                             what this machine has for the engine, what is missing
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     # export and streaming are imported here, inside the composition root, and nowhere else in the engine
     from export.cli import add_export_parser
-    from streaming.cli import add_serve_parser
+    from streaming.cli import add_live_parser, add_serve_parser
 
     # one line per sub-command
     add_render_parser(sub)
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
     export.formatter_class = DefaultsHelpFormatter  # one default per flag (export imports nothing of the engine)
     add_serve_parser(sub)
+    add_live_parser(sub)
     add_batch_parser(sub)
     add_weights_parser(sub)
     add_doctor_parser(sub)

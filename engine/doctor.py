@@ -20,6 +20,9 @@ from typing import Callable, List, Optional, Tuple
 
 from engine.extras import install_hint
 
+# how to create a virtual camera on Linux (`engine live` says it too when it finds none)
+V4L2LOOPBACK_MODPROBE = "sudo modprobe v4l2loopback devices=1 video_nr=10 card_label=MMGT exclusive_caps=1"
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -120,18 +123,18 @@ def _virtual_camera() -> Finding:
     """A v4l2loopback device (what a virtual camera writes to), and pyvirtualcam to write to it."""
     loopback = []
     for dev in sorted(glob.glob("/dev/video*")):
-        name_file = Path("/sys/class/video4linux") / Path(dev).name / "name"
-        name = name_file.read_text().strip() if name_file.is_file() else ""
-        if Path("/sys/module/v4l2loopback").is_dir() and ("loopback" in name.lower() or "dummy" in name.lower()
-                                                           or "virtual" in name.lower()):
+        node = Path("/sys/class/video4linux") / Path(dev).name
+        name = (node / "name").read_text().strip() if (node / "name").is_file() else ""
+        # v4l2loopback's devices are virtual ones (any card_label), a real camera's hang under its bus
+        virtual = "/devices/virtual/" in str(node.resolve()) or any(w in name.lower() for w in ("loopback", "dummy"))
+        if Path("/sys/module/v4l2loopback").is_dir() and virtual:
             loopback.append(f"{dev} ({name})")
     pyvcam = importlib.util.find_spec("pyvirtualcam") is not None
     if loopback:
         return Finding("virtual-camera", True, ", ".join(loopback) + ("; pyvirtualcam installed" if pyvcam else
                                                                       "; pyvirtualcam not installed"))
     return Finding("virtual-camera", False, "no v4l2loopback device" + ("" if pyvcam else ", no pyvirtualcam"),
-                   "apt-get install v4l2loopback-dkms; sudo modprobe v4l2loopback exclusive_caps=1; "
-                   "pip install pyvirtualcam")
+                   f"apt-get install v4l2loopback-dkms; {V4L2LOOPBACK_MODPROBE}; {install_hint('live')}")
 
 
 def _sounddevice() -> Finding:

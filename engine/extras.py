@@ -20,9 +20,11 @@ EXTRAS: Mapping[str, Tuple[str, ...]] = {
     "ort": ("onnxruntime",),
     "ort-gpu": ("onnxruntime",),
     "mic": ("sounddevice",),
+    "live": ("pyvirtualcam", "sounddevice"),
     "piper": ("piper",),
     "tensorrt": ("tensorrt",),
     "ray": ("ray",),
+    "pipecat": ("pipecat",),
 }
 
 

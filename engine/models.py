@@ -52,6 +52,13 @@ class ModelOptions:
 
         return self.preset or ("mmgt" if self.weights is not None else DEFAULT_PRESET)
 
+    @property
+    def config(self):
+        """The model config of :attr:`preset_name` (its sizes: resolution, ...), without building a network."""
+        from mmgt.config import get_preset
+
+        return get_preset(self.preset_name)
+
 
 def resolve_device(device: Optional[str]) -> str:
     """``device``, or the default one: cuda when torch sees a GPU, else cpu."""

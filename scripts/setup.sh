@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One-command set-up on a fresh Debian/Ubuntu machine (or CI):
-#   system packages (audio, test speech, a browser for the WebRTC page test),
+#   system packages (audio, test speech, a browser for the WebRTC page test, Xvfb for the preview window test),
 #   a virtual environment in .venv, the CPU build of torch where no NVIDIA GPU is present,
 #   then this package with the extras the tests use, at the versions of constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-APT_PACKAGES="libportaudio2 espeak-ng sox ffmpeg chromium chromium-driver iproute2"
+APT_PACKAGES="libportaudio2 espeak-ng sox ffmpeg chromium chromium-driver iproute2 xvfb"
 
 if command -v apt-get >/dev/null 2>&1 && [ "${SKIP_APT:-0}" != "1" ]; then
   missing=""
@@ -35,5 +35,5 @@ if ! $VPY -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 # the package with every extra the tests use (tensorrt and ort-gpu are for GPU machines: install them there by hand)
-$VPY -m pip install -q $PIN -e ".[serve,export,ort,mic,piper,ray,dev]"
+$VPY -m pip install -q $PIN -e ".[serve,export,ort,mic,live,piper,pipecat,ray,dev]"
 echo "set-up done: .venv ready ($($VPY -c 'import torch; print("torch", torch.__version__)'))"

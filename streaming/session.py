@@ -1,4 +1,9 @@
-"""One live session: audio in -> engine (its own Runner) -> the two tracks on one clock.
+"""One live session: audio in -> engine (its own Runner) -> output slots on one clock.
+
+:class:`SessionCore` is the session without an output: engine, feeder, speech and the MediaClock (it imports no
+aiortc). What plays the clock's slots is added on top: :class:`Session` adds the two WebRTC tracks (the server's
+sessions); streaming/player.py's SlotPlayer pulls slot by slot for other outputs (``engine live``'s virtual camera and
+sound card, the Pipecat video service).
 
 Threads of a session (the event loop only ever does non-blocking calls into it):
 
@@ -22,7 +27,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -33,7 +38,8 @@ from engine.types import FPS, SAMPLE_RATE
 
 from .latency import OutputLatency
 from .speech import SpeechOptions, SpeechQueue
-from .tracks import AUDIO_FRAME_SAMPLES, SAMPLES_PER_FRAME, AudioRecord, MediaClock, TimedQueueSink, make_tracks
+from .tracks import (AUDIO_FRAME_SAMPLES, SAMPLES_PER_FRAME, AudioRecord, MediaClock, TimedQueueSink, TrackStats,
+                     make_tracks)
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +96,10 @@ class InputStats:
     peak: float = 0.0  # largest |sample| received (shows a live microphone)
 
 
-class Session:
-    """One viewer: its own Runner, LiveSource, QueueSink and tracks; the models and avatar are shared."""
+class SessionCore:
+    """One live avatar without an output: its own Runner, LiveSource, QueueSink, speech queue and MediaClock; the
+    models and avatar are shared. An output (the WebRTC tracks of :class:`Session`, a SlotPlayer) plays the clock's
+    slots and counts what it sends in ``video_stats`` / ``audio_stats``."""
 
     def __init__(self, models, avatar, options: SessionOptions = SessionOptions(), session_id: Optional[str] = None,
                  tts=None, tts_error: Optional[str] = None):
@@ -132,9 +140,12 @@ class Session:
             # the usual lead: the start margin plus a burst of frames (a chunk's new frames arrive together)
             quiet=self._quiet if options.catch_up_in_pauses else None,
             quiet_lead_frames=int(round(margin * FPS)) + (s.chunk - s.overlap) + 2)
-        size = (models.cfg.resolution, models.cfg.resolution)
-        self.video, self.audio = make_tracks(self.clock, self.sink, self.record, size, stamp=options.stamp_frames,
-                                             on_sent=self.latency.sent)
+        self.size = (models.cfg.resolution, models.cfg.resolution)  # (width, height) of a frame
+        self.video_stats, self.audio_stats = TrackStats(), TrackStats()  # what the output sent (it counts there)
+        # called with (first, end) engine samples of the timeline an interrupt took speech out of (from the sample
+        # heard now to where speech stopped entering): an output may hide the frames rendered from it (SlotPlayer
+        # does)
+        self.interrupt_listeners: List[Callable[[int, int], None]] = []
         self.report = None  # the engine's RunReport (None while running / when cancelled)
         self._stop = threading.Event()
         self._closed = False
@@ -203,12 +214,16 @@ class Session:
             start, end = min(self.played_sample(), cut.at), cut.at
             lo = max(start, self.speech.emitted.end - self.speech.emitted.capacity, 0)
             speech = self.speech.emitted.read(lo, end)  # (end - lo,) speech in the timeline, not yet heard
-            muted = 0
+            muted, span = 0, None
             if speech.any():
                 self.record.write(lo, self.record.read(lo, end) - speech)
                 self.speech.emitted.write(lo, np.zeros_like(speech))
                 nz = np.flatnonzero(speech)
-                muted = int(nz[-1] - nz[0] + 1)
+                # the frames rendered from [lo, end) were driven by this speech, its pauses included
+                muted, span = int(nz[-1] - nz[0] + 1), (lo, end)
+        if span is not None:
+            for listener in list(self.interrupt_listeners):
+                listener(*span)
         log.info("session %s: interrupted %s (%.0f ms of unplayed speech muted)", self.id, cut.dropped or "nothing",
                  muted / SAMPLE_RATE * 1000)
         return {"interrupted": cut.dropped, "muted_ms": round(muted / SAMPLE_RATE * 1000, 1)}
@@ -311,11 +326,13 @@ class Session:
                     log.warning("session %s: %s thread did not stop within %.0f s", self.id, name, timeout)
         if not self.sink.closed:
             self.sink.close(False)
-        self.video.stop()
-        self.audio.stop()
+        self._stop_outputs()
         if self.state != "error":
             self.state = "closed"
         self.close_reason = reason
+
+    def _stop_outputs(self) -> None:
+        """End what plays the slots (an output that needs ending overrides this)."""
 
     @property
     def closed(self) -> bool:
@@ -346,7 +363,7 @@ class Session:
     def stats(self) -> Dict:
         """What the page shows: state, latency, fps, A/V offset, drops (JSON-ready)."""
         now = time.monotonic()
-        vs, aus = self.video.stats, self.audio.stats
+        vs, aus = self.video_stats, self.audio_stats
         first = None
         if self.sink.first_frame_time is not None and self._feed_start is not None:
             first = (self.sink.first_frame_time - self._feed_start) * 1000.0
@@ -381,4 +398,19 @@ class Session:
         }
 
 
-__all__ = ["Session", "SessionOptions", "InputStats", "min_queue_frames"]
+class Session(SessionCore):
+    """One viewer of the server: a SessionCore plus its two WebRTC tracks (video, audio) on the session's clock."""
+
+    def __init__(self, models, avatar, options: SessionOptions = SessionOptions(), session_id: Optional[str] = None,
+                 tts=None, tts_error: Optional[str] = None):
+        super().__init__(models, avatar, options, session_id=session_id, tts=tts, tts_error=tts_error)
+        self.video, self.audio = make_tracks(self.clock, self.sink, self.record, self.size,
+                                             stamp=options.stamp_frames, on_sent=self.latency.sent)
+        self.video_stats, self.audio_stats = self.video.stats, self.audio.stats
+
+    def _stop_outputs(self) -> None:
+        self.video.stop()
+        self.audio.stop()
+
+
+__all__ = ["Session", "SessionCore", "SessionOptions", "InputStats", "min_queue_frames"]

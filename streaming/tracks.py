@@ -201,6 +201,31 @@ class TimedQueueSink(QueueSink):
     write = put
 
 
+class FramePicker:
+    """The picture of each engine frame the clock asks for, taken from the frame queue in order: older queued frames
+    are dropped as stale (counted in ``stats.stale``); a frame not there (dropped by the queue) gives None, so the
+    caller repeats its previous picture until the clock reaches a newer one. One per consumer of the queue."""
+
+    def __init__(self, sink: QueueSink, stats: "TrackStats") -> None:
+        self.sink, self.stats = sink, stats
+        self.pending: Optional[FrameBatch] = None  # a frame taken from the queue for a later slot
+
+    def take(self, e: int) -> Optional[np.ndarray]:
+        """The picture (H, W, 3) of engine frame ``e``, or None if it is not there."""
+        while True:
+            item = self.pending if self.pending is not None else self.sink.get_nowait()
+            self.pending = None
+            if item is None:
+                return None
+            if item.first_frame < e:
+                self.stats.stale += 1
+                continue
+            if item.first_frame > e:
+                self.pending = item
+                return None
+            return item.frames[0]  # (H, W, 3)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Frame-index stamp (diagnostics: lets a receiver tell which engine frame it decoded)
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,7 +299,7 @@ def _track_classes():
             self.max_late_slots = max_late_slots  # behind the clock by more than this: skip to the present
             self.stats = TrackStats()
             self._slot = 0
-            self._pending: Optional[FrameBatch] = None  # a frame taken from the queue for a later slot
+            self._picker = FramePicker(sink, self.stats)
             self._last: Optional[np.ndarray] = None  # the picture sent last (repeated on holds)
             self._last_index = -1
             width, height = size
@@ -282,30 +307,14 @@ def _track_classes():
 
         async def _first_frame(self) -> None:
             """Wait for the engine's first frame, then start the clock (slot 0 = that frame + margin)."""
-            while self._pending is None:
+            while self._picker.pending is None:
                 if self.readyState != "live":
                     raise MediaStreamError
-                self._pending = await self.sink.get(timeout=None)
-                if self._pending is None:  # the engine ended before any frame
+                self._picker.pending = await self.sink.get(timeout=None)
+                if self._picker.pending is None:  # the engine ended before any frame
                     self.stop()
                     raise MediaStreamError
             self.clock.start()
-
-        def _take(self, e: int) -> Optional[np.ndarray]:
-            """The picture of engine frame ``e``: older queued frames are dropped as stale; None if it is not
-            there (dropped by the queue, so the previous picture is repeated until the clock reaches a newer one)."""
-            while True:
-                item = self._pending if self._pending is not None else self.sink.get_nowait()
-                self._pending = None
-                if item is None:
-                    return None
-                if item.first_frame < e:
-                    self.stats.stale += 1
-                    continue
-                if item.first_frame > e:
-                    self._pending = item
-                    return None
-                return item.frames[0]  # (H, W, 3)
 
         async def recv(self):
             if self.readyState != "live":
@@ -323,7 +332,7 @@ def _track_classes():
                 await asyncio.sleep(delay)
             # 2. the slot's engine frame, or the previous picture on a hold / missing frame
             e = self.clock.resolve(self._slot)
-            img = self._take(e) if e is not None else None
+            img = self._picker.take(e) if e is not None else None
             if img is None:
                 self.stats.repeats += 1
                 img = self._last if self._last is not None else self._blank
@@ -401,5 +410,5 @@ def make_tracks(clock: MediaClock, sink: QueueSink, record: AudioRecord, size: T
     return video_cls(clock, sink, size, stamp=stamp, on_sent=on_sent), audio_cls(clock, record)
 
 
-__all__ = ["AudioRecord", "MediaClock", "TimedQueueSink", "TrackStats", "make_tracks", "stamp_frame", "read_stamp",
-           "SAMPLES_PER_FRAME", "VIDEO_CLOCK", "AUDIO_FRAME_SAMPLES"]
+__all__ = ["AudioRecord", "MediaClock", "TimedQueueSink", "TrackStats", "FramePicker", "make_tracks", "stamp_frame",
+           "read_stamp", "SAMPLES_PER_FRAME", "VIDEO_CLOCK", "AUDIO_FRAME_SAMPLES"]

@@ -21,7 +21,7 @@ NOT_IMPORTED = {
     "onnxscript": "imported by torch.onnx's dynamo exporter, which export/onnx.py uses for some networks",
 }
 # distributions whose module has another name, for those not installed here (the installed ones are looked up)
-MODULE_OF = {"onnxruntime-gpu": "onnxruntime", "tensorrt": "tensorrt", "piper-tts": "piper"}
+MODULE_OF = {"onnxruntime-gpu": "onnxruntime", "tensorrt": "tensorrt", "piper-tts": "piper", "pipecat-ai": "pipecat"}
 
 
 def _project() -> dict:
@@ -87,7 +87,8 @@ def test_core_is_what_an_offline_render_needs():
     assert core == {"torch", "numpy", "diffusers", "transformers", "safetensors", "opencv-python-headless", "pillow",
                     "librosa", "scipy", "av", "tqdm", "huggingface-hub"}
     extras = _project()["optional-dependencies"]
-    assert set(extras) == {"serve", "export", "ort", "ort-gpu", "mic", "piper", "tensorrt", "ray", "dev"}
+    assert set(extras) == {"serve", "export", "ort", "ort-gpu", "mic", "live", "piper", "pipecat", "tensorrt", "ray",
+                           "dev"}
     assert not any("torch-tensorrt" in r or "cuda-python" in r for reqs in extras.values() for r in reqs)
 
 

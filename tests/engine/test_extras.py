@@ -77,6 +77,17 @@ def test_mic_without_mic_extra_names_it():
     assert "--mic needs the mic extra (sounddevice not installed)" in line and install_hint("mic") in line
 
 
+def test_live_without_live_extra_names_it():
+    """Before any device is opened or model loaded; the sound device's module only when audio is asked for."""
+    rc, _, stderr = run_blocked(("pyvirtualcam",), ["live", "--no-stdin"], timeout=120)
+    assert rc == 2
+    [line] = _error_lines(stderr)
+    assert line == ("engine live: error: the live extra is missing (pyvirtualcam not installed): "
+                    "pip install 'mmgt-engine[live]'")
+    rc, _, stderr = run_blocked(("sounddevice",), ["live", "--no-camera", "--preview", "--no-stdin"], timeout=120)
+    assert rc == 2 and "the live extra is missing (sounddevice not installed)" in stderr
+
+
 def test_export_without_export_extra_names_it(tmp_path):
     """Caught when the first artifact must be built, before any network is built."""
     rc, _, stderr = run_blocked(("onnx",), ["export", "--preset", "tiny", "--out", str(tmp_path / "A"), "--only",
