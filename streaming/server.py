@@ -224,6 +224,7 @@ class AvatarServer:
         self._reserved = 0  # offers being answered (counted against max_sessions)
         self.closed_sessions: Dict[str, Dict] = {}  # last stats of ended sessions (bounded), for /stats
         self.capacity: Dict[int, List[float]] = {}  # measured: sessions at once -> each one's fps (measure_capacity)
+        self.live_capacity: Dict[int, List[float]] = {}  # live checks: sessions at once -> each one's fresh fps
         self.mic = None
         self._mic_thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -269,12 +270,31 @@ class AvatarServer:
         self.config = dataclasses.replace(self.config, session=options)
         return choice
 
-    def measure_capacity(self, limit: int = 16, margin: float = 1.2, seconds: float = 2.0) -> int:
-        """The most sessions this machine renders in real time with a margin, measured as sessions will run: 1, 2,
+    def admit_measured(self) -> int:
+        """``max_sessions`` None (the default): measure this machine's capacity (measure_capacity), admit that many
+        from now on and log it; returns the count."""
+        import dataclasses
+
+        n = self.measure_capacity()
+        self.config = dataclasses.replace(self.config, max_sessions=n)
+        table = "; ".join(f"{k} at once: {min(v):.1f} fps each" for k, v in sorted(self.capacity.items()))
+        live = "; ".join(f"{k} at once: {min(v):.1f}" for k, v in sorted(self.live_capacity.items()))
+        log.info("admitting up to %d session(s): the most that stay real time here (engine flat out, 20%% margin: "
+                 "%s; live with media, fresh fps: %s); --max-sessions overrides", n, table, live)
+        return n
+
+    def measure_capacity(self, limit: int = 16, margin: float = 1.2, seconds: float = 2.0,
+                         live_seconds: float = 4.0) -> int:
+        """The most sessions this machine serves in real time with a margin, measured as sessions will run: 1, 2,
         4, ... sessions streaming at once through the (batched) model set, each needing ``margin`` x 25 fps, up to
         the first count that falls short (or ``limit``), then the counts between the last that held and that one.
-        Returns that count (at least 1); ``self.capacity`` keeps every measurement."""
+        That count is then checked live (streaming/capacity.py: that many real sessions sending to loopback viewers
+        for ``live_seconds``, each needing 24.5 fresh fps; the media path costs as much again as half the engine on
+        a CPU) and lowered until it holds. Returns it (at least 1); ``self.capacity`` keeps the engine's
+        measurements, ``self.live_capacity`` the live checks'."""
         from engine.runner import probe_sessions
+
+        from .capacity import LIVE_FPS, live_rates
 
         def holds(n: int) -> bool:
             rates = probe_sessions(self.models, self.avatar, self.config.session.settings, n, seconds)
@@ -289,7 +309,20 @@ class AvatarServer:
             if not holds(m):
                 break
             best = m
+        while live_seconds > 0:  # the engine's count, checked with the media path (each count once)
+            rates = self.live_capacity[best] = live_rates(self, best, live_seconds)
+            log.info("capacity live check: %d session(s) sent %s fresh fps each", best,
+                     ", ".join(f"{r:.1f}" for r in rates))
+            if min(rates) >= LIVE_FPS or best == 1:
+                break
+            best -= 1
         return best
+
+    async def loopback_offer(self, sdp: str) -> Dict[str, str]:
+        """A session for an offer made in this process (the capacity check's viewers), on the default avatar:
+        {"sdp", "type", "session"} as POST /offer answers, without HTTP and admission."""
+        sdp, sections = check_offer({"sdp": sdp, "type": "offer"})
+        return json.loads((await self._answer(sdp, sections, self.avatars.default_id)).body)
 
     def close(self) -> None:
         """Stop the batched calls' workers (after the sessions are closed)."""
@@ -552,7 +585,7 @@ class AvatarServer:
         self.sessions[sid], self._pcs[sid], self._tasks[sid] = session, pc, tasks
         session.start()
         tasks.append(asyncio.ensure_future(self._watch(sid)))
-        log.info("session %s: started (%d/%d)", sid, len(self.sessions), self.config.max_sessions)
+        log.info("session %s: started (%d/%s)", sid, len(self.sessions), self.config.max_sessions)
         desc = pc.localDescription
         return web.json_response({"sdp": desc.sdp, "type": desc.type, "session": sid})
 
@@ -655,8 +688,6 @@ def speed_note(fps: float) -> Tuple[int, str]:
 def serve(models, avatars, config: ServerConfig, tts=None) -> None:
     """Run the server until interrupted (blocking). ``config.max_sessions`` None: measured first (measure_capacity).
     ``tts``: the /say engine (None: AvatarServer makes it from ``config.voice``)."""
-    import dataclasses
-
     from aiohttp import web
 
     server = AvatarServer(models, avatars, config, tts=tts)
@@ -672,11 +703,8 @@ def serve(models, avatars, config: ServerConfig, tts=None) -> None:
                 "" if choice.met_target else " (no layout within the target renders in real time here: the lowest "
                 "latency that does)")
     if config.max_sessions is None:
-        n = server.measure_capacity()
-        server.config = config = dataclasses.replace(config, max_sessions=n)
-        table = "; ".join(f"{k} at once: {min(v):.1f} fps each" for k, v in sorted(server.capacity.items()))
-        log.info("admitting up to %d session(s): the most that stay real time with a 20%% margin here (%s); "
-                 "--max-sessions overrides", n, table)
+        server.admit_measured()
+        config = server.config
         fps = min(server.capacity[1])
     else:
         fps = server.probe()

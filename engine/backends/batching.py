@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from typing import Any, Callable, Deque, Dict, Hashable, List, Mapping, Optional, Sequence
+from typing import Callable, Deque, Dict, Hashable, List, Mapping, Optional, Sequence
 
 import torch
 

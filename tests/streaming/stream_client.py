@@ -62,6 +62,18 @@ class Received:
         t = t[t >= t[0] + skip_seconds]
         return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else 0.0
 
+    def fresh_fps(self, skip_seconds: float = 1.0) -> float:
+        """New pictures per second of arrival time after the first ``skip_seconds``: frames whose stamped engine
+        frame differs from the previous one (a slot the engine was late for repeats the last picture and does not
+        count). Needs ``stamp_frames`` on the server."""
+        t = np.array([v[2] for v in self.video])
+        stamps = np.array([v[1] for v in self.video])
+        keep = t >= t[0] + skip_seconds if len(t) else t.astype(bool)
+        t, stamps = t[keep], stamps[keep]
+        if len(t) < 2:
+            return 0.0
+        return int(np.count_nonzero(np.diff(stamps))) / (t[-1] - t[0])
+
     def pts_fps(self) -> float:
         """Frame rate on the sender's media clock (pts): frames per second of media time."""
         pts = np.array([v[0] for v in self.video], np.float64)
@@ -322,21 +334,58 @@ async def running_server(models, avatar, **config):
         await runner.cleanup()  # on_shutdown closes every session
 
 
+async def spawn_client(url: str, *args: str):
+    """This module as a subprocess client of ``url`` (own process, own interpreter: as a browser is); its stdout
+    carries the JSON lines of :func:`main`. Returns the asyncio subprocess."""
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return await asyncio.create_subprocess_exec(sys.executable, str(Path(__file__).resolve()), url, *args, env=env,
+                                                stdout=asyncio.subprocess.PIPE)
+
+
+async def read_json_line(proc, timeout: float) -> dict:
+    """The next JSON line a :func:`spawn_client` process prints (AssertionError when none comes in time)."""
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    if not line:
+        raise AssertionError(f"client process {proc.pid} ended without output (exit {await proc.wait()})")
+    return json.loads(line)
+
+
 def main(argv: List[str]) -> int:
-    """Subprocess mode: connect to URL, stream forever (a test kills this process)."""
-    url = argv[1]
+    """Subprocess mode: connect to URL, print {"session": ID}, then {"frames": N} every 0.5 s; with ``--seconds S``,
+    stream S seconds after the first frame, close, and print what came ({"fps", "fresh_fps", "frames", ...});
+    without, stream until killed (a test kills this process)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="stream_client.py")
+    ap.add_argument("url")
+    ap.add_argument("--seconds", type=float, default=None, help="stream this long after the first frame, then close")
+    ap.add_argument("--avatar", default=None, help="the offer's avatar id")
+    args = ap.parse_args(argv[1:])
     pin_loopback()
 
-    async def forever() -> None:
+    async def stream() -> None:
         received = Received()
-        await offer_and_connect(url, None, received)
+        try:
+            pc, tasks = await offer_and_connect(args.url, None, received, avatar=args.avatar)
+        except RuntimeError as e:  # refused (503, 400): say so on stdout
+            print(json.dumps({"refused": str(e)}), flush=True)
+            return
         print(json.dumps({"session": received.session}), flush=True)
-        while True:
+        while args.seconds is None or not received.video or time.monotonic() - received.video[0][2] < args.seconds:
             await asyncio.sleep(0.5)
             if received.video:
                 print(json.dumps({"frames": len(received.video)}), flush=True)
+        await pc.close()
+        for t in tasks:
+            t.cancel()
+        print(json.dumps({"fps": received.fps(), "fresh_fps": received.fresh_fps(), "frames": len(received.video),
+                          "first_frame_latency": received.first_frame_latency}), flush=True)
 
-    asyncio.run(forever())
+    asyncio.run(stream())
     return 0
 
 

@@ -145,8 +145,10 @@ def test_routes_sessions_on_their_avatars_and_metrics(warm_models, loopback_ice,
 
 def test_capacity_is_the_most_sessions_that_stay_real_time(warm_models, monkeypatch):
     """measure_capacity probes 1, 2, 4, ... sessions at once and then the counts in between; the answer is the most
-    whose slowest session still renders 1.2 x 25 fps."""
+    whose slowest session still renders 1.2 x 25 fps, lowered until that many live sessions (with their media) send
+    25 fps."""
     import engine.runner as runner
+    import streaming.capacity as capacity
     from streaming.server import AvatarServer, ServerConfig
     from streaming.session import SessionOptions
 
@@ -158,12 +160,23 @@ def test_capacity_is_the_most_sessions_that_stay_real_time(warm_models, monkeypa
         asked.append(n)
         return [aggregate / n] * n
 
+    live = []
+
+    def fake_live(server_, n, seconds=4.0):  # the media path costs as much as a third of the engine's work
+        live.append(n)
+        return [min(25.0, aggregate / 1.33 / n)] * n
+
     monkeypatch.setattr(runner, "probe_sessions", fake)
+    monkeypatch.setattr(capacity, "live_rates", fake_live)
     server = AvatarServer(models, avatar, ServerConfig(max_sessions=None, session=SessionOptions(
         settings=C.TEST_SETTINGS, queue_frames=C.QUEUE_FRAMES)))
     try:
-        assert server.measure_capacity(limit=16) == 3  # 100 / 3 = 33.3 >= 30 > 100 / 4
-        assert asked == [1, 2, 4, 3]
+        assert server.measure_capacity(limit=16) == 3  # engine: 100 / 3 = 33.3 >= 30 > 100 / 4; live: 25 each
+        assert asked == [1, 2, 4, 3] and live == [3]
+        aggregate, asked, live = 90.0, [], []
+        assert server.measure_capacity(limit=16) == 2  # engine: 30 >= 30 at 3; live: 22.6 at 3, 25 at 2
+        assert asked == [1, 2, 4, 3] and live == [3, 2]
+        assert server.live_capacity[3] == [90.0 / 1.33 / 3] * 3
     finally:
         server.close()
 

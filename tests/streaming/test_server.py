@@ -3,11 +3,8 @@ receives the avatar video and the rendered audio, and measures first-frame laten
 what it decoded. Then every kind of bad input, a full server and a client that vanishes mid-stream."""
 import asyncio
 import json
-import os
 import re
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +14,6 @@ from stream_client import running_server
 
 # librosa warns on the silent stretches the idle avatar renders (mmgt's audio features); expected here
 pytestmark = pytest.mark.filterwarnings("ignore:Trying to estimate tuning")
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-
 
 _wait = C.wait_until
 
@@ -99,7 +92,6 @@ def test_bad_input_full_server_vanishing_client(warm_models, loopback_ice):
 
     models, avatar = warm_models
     no_video = _no_video_offer_sdp()
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
 
     async def main():
         async with running_server(models, avatar, max_sessions=2, idle_timeout=3.0) as (server, url):
@@ -121,11 +113,9 @@ def test_bad_input_full_server_vanishing_client(warm_models, loopback_ice):
                         assert message in (await r.json())["error"]
                 assert len(server.sessions) == 1
                 # 3. client B in a subprocess fills the server; a third offer gets 503
-                proc = await asyncio.create_subprocess_exec(sys.executable, str(HERE / "stream_client.py"), url,
-                                                            env=env, stdout=asyncio.subprocess.PIPE)
+                proc = await C.spawn_client(url)
                 try:
-                    line = await asyncio.wait_for(proc.stdout.readline(), 60)
-                    sid_b = json.loads(line)["session"]
+                    sid_b = (await C.read_json_line(proc, 60))["session"]
                     await _wait(lambda: server.sessions.get(sid_b) is not None
                                 and server.sessions[sid_b].video.stats.sent > 10, 30, "client B streaming")
                     rec_c = C.Received()
