@@ -310,8 +310,8 @@ class Runner:
             sink.open(RunMeta(fps=FPS, width=cfg.resolution, height=cfg.resolution,
                               audio_samples=len(buf) if total_frames is not None else 0,
                               sample_rate=AUDIO_SAMPLE_RATE, preset=cfg.name, trained=cfg.trained))
-            out, workers = chain(stages, windows, overlapped=self.overlapped, stop=self._stop,
-                                 on_item=metrics.on_item, setup=self._on_stream)
+            out = chain(stages, windows, overlapped=self.overlapped, stop=self._stop, on_item=metrics.on_item,
+                        setup=self._on_stream, workers=workers)
             for _ in out:  # the sink stage's batches: everything has happened by the time they come out
                 pass
             ok = not self._stop.is_set()

@@ -45,7 +45,11 @@ class Stage:
         self._setup = setup
         self._q: "queue.Queue" = queue.Queue(maxsize=max(1, maxsize))
         self._thread = threading.Thread(target=self._run, name=f"mmgt-{name}", daemon=True)
+
+    def start(self) -> "Stage":
+        """Start the worker thread (separate from construction, so the stage is in its owner's list to close first)."""
         self._thread.start()
+        return self
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -90,7 +94,8 @@ class Stage:
     def close(self, timeout: float = 60.0) -> None:
         """Stop the run's stages (the shared event) and join this worker."""
         self._stop.set()
-        self._thread.join(timeout=timeout)
+        if self._thread.ident is not None:  # started (an interruption may land between construction and start)
+            self._thread.join(timeout=timeout)
 
 
 def _outputs(name: str, work: Work, inputs: Iterable, stop: threading.Event, on_item: OnItem) -> Iterator:
@@ -120,11 +125,13 @@ def _timed(name: str, produce: Callable[[], Iterable], on_item: OnItem) -> Itera
 
 
 def chain(stages: Sequence[Tuple[str, Work, int]], inputs: Iterable, *, overlapped: bool, stop: threading.Event,
-          on_item: OnItem = None, setup: Optional[Callable[[str], object]] = None) -> Tuple[Iterable, List[Stage]]:
-    """Connect ``(name, work, queue size)`` stages after ``inputs``. Overlapped: each stage a worker thread with a
-    bounded queue (returns the last stage and every worker, to close); otherwise generators in the calling thread
-    (``setup`` then applies to the whole chain: the stages' GPU work shares the caller's stream)."""
-    workers: List[Stage] = []
+          on_item: OnItem = None, setup: Optional[Callable[[str], object]] = None,
+          workers: Optional[List[Stage]] = None) -> Iterable:
+    """Connect ``(name, work, queue size)`` stages after ``inputs`` and return the last one. Overlapped: each stage a
+    worker thread with a bounded queue, appended to ``workers`` (the caller's list, to close) before its thread starts,
+    so an interruption at any moment leaves no worker the caller does not know of; otherwise generators in the
+    calling thread (``setup`` then applies to the whole chain: the stages' GPU work shares the caller's stream)."""
+    workers = [] if workers is None else workers
     current: Iterable = inputs
     try:
         for name, work, maxsize in stages:
@@ -132,6 +139,7 @@ def chain(stages: Sequence[Tuple[str, Work, int]], inputs: Iterable, *, overlapp
                 stage = Stage(name, work, current, maxsize, stop, on_item,
                               setup=(lambda n=name: setup(n)) if setup else None)
                 workers.append(stage)
+                stage.start()
                 current = stage
             else:
                 current = _outputs(name, work, current, stop, on_item)
@@ -139,7 +147,7 @@ def chain(stages: Sequence[Tuple[str, Work, int]], inputs: Iterable, *, overlapp
         stop.set()
         close_all(workers)
         raise
-    return current, workers
+    return current
 
 
 def close_all(workers: Sequence[Stage]) -> None:

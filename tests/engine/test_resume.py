@@ -187,7 +187,7 @@ def test_killed_60s_render_resumes_faster_with_the_same_frames(tmp_path, speech)
 
 
 def test_ctrl_c_says_how_to_resume_and_restart_starts_over(tmp_path, speech):
-    _soundfile(tmp_path / "talk.wav", np.tile(speech, 2))  # 24 s
+    _soundfile(tmp_path / "talk.wav", speech[: 8 * 16000])  # 200 frames: interrupted after 2 of 4 segments
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(_render_cmd("talk.wav", "talk.mp4", "-q"), cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
