@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 from engine.batch.cli import add_batch_parser
 from engine.doctor import add_doctor_parser
 from engine.models import ExportSource, load_model_set, prepare_avatar
+from engine.native_memory import limit_arenas
 from engine.options import (ASSETS, CLIError, DefaultsHelpFormatter, OneLineParser, add_audio_bitrate_flag,
                             add_backend_flags, add_model_flags, add_output_flags, add_settings_flags,
                             interrupt_exit_code, read_audio, read_image, settings_from, setup_logging,
@@ -51,6 +52,7 @@ def _render(args, image_path: Path, audio_path: Path) -> int:
     check_segment_seconds(args.segment_seconds)
     out = Path(args.out)
     check_output(out, args.overwrite)
+    limit_arenas()  # an hours-long render keeps its heap flat (engine/native_memory.py); before any thread starts
     image = read_image(image_path)
     audio, source = read_audio(audio_path)  # (N,) the model's 16 kHz mono copy; the source's own audio for the mp4
     poses = None

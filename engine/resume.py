@@ -34,6 +34,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from engine.native_memory import release_freed_memory
 from engine.settings import RenderSettings
 from engine.types import FPS, SAMPLE_RATE, FrameBatch, PoseState, ResumePoint, RunMeta
 
@@ -242,6 +243,7 @@ class ResumableMp4Sink:
             raise RuntimeError(f"ResumableMp4Sink({self.path}): the frames came without a resume point")
         seg, self._segment = self._segment, None
         seg.close(ok=True)
+        release_freed_memory()  # the segment's encoder buffers go back to the system: hours stay flat
         self.saved.segments.append(Segment(Path(seg.path).name, self._segment_first, seg.frames_written))
         self.saved.point = self._point
         self.sidecar.save(self.key, self.saved)

@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from engine.native_memory import release_freed_memory
 from engine.runner import RenderCancelled, Runner
 from engine.settings import LIVE, RenderSettings
 from engine.sources import LiveSource
@@ -330,6 +331,7 @@ class SessionCore:
         if self.state != "error":
             self.state = "closed"
         self.close_reason = reason
+        release_freed_memory()  # what the session's threads freed (engine/native_memory.py)
 
     def _stop_outputs(self) -> None:
         """End what plays the slots (an output that needs ending overrides this)."""

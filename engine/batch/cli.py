@@ -32,6 +32,7 @@ from typing import List, Optional
 
 from engine.batch.run import run_batch
 from engine.extras import install_hint, require_extra
+from engine.native_memory import limit_arenas
 from engine.options import (CLIError, RawDefaultsHelpFormatter, add_audio_bitrate_flag, add_backend_flags,
                             add_model_flags, add_settings_flags, interrupt_exit_code, setup_logging,
                             sigterm_as_interrupt)
@@ -51,6 +52,8 @@ def cmd_batch(args) -> int:
         log.warning("--gpus-per-job applies to Ray tasks only; without --ray jobs run here on --device")
     if args.ray:
         require_extra("ray", "--ray")  # before any job is planned
+    else:
+        limit_arenas()  # jobs of hours keep the heap flat (engine/native_memory.py); before any thread starts
     with sigterm_as_interrupt():
         return run_batch(args)[0]
 

@@ -56,6 +56,12 @@ class Received:
         """Seconds from sending the offer (the microphone starts with the connection) to the first decoded frame."""
         return None if not self.video else self.video[0][2] - self.offer_sent
 
+    def between(self, t0: float, t1: float) -> "Received":
+        """The video that arrived in [t0, t1] (time.monotonic()), as a Received of its own (fps, fresh_fps)."""
+        part = Received(offer_sent=self.offer_sent, connected=self.connected, session=self.session)
+        part.video = [v for v in self.video if t0 <= v[2] <= t1]
+        return part
+
     def fps(self, skip_seconds: float = 1.0) -> float:
         """Received video frame rate from the pts-independent arrival times, after the first ``skip_seconds``."""
         t = np.array([v[2] for v in self.video])
