@@ -99,6 +99,19 @@ def _fill(text: str) -> str:
     return textwrap.fill(text, max(40, shutil.get_terminal_size().columns - 2))
 
 
+def _add_start_margin(group) -> None:
+    """--start-margin (serve and live): the session's playout delay (SessionOptions.start_margin)."""
+    group.add_argument("--start-margin", type=float, default=0.25,
+                       help="playout delay after the first frame, absorbs render jitter (seconds, default 0.25)")
+
+
+def _check_live_flags(args) -> None:
+    """The model and settings flags of serve and live, checked without torch (CLIError naming the flag): the
+    settings against the base this machine gets; the run's own settings come later (_live_run_settings)."""
+    check_model_flags(args)
+    settings_from(args, live_settings(args.device)[1])
+
+
 def _live_run_settings(args):
     """The live settings of this run: LIVE on a GPU, LIVE_CPU on a CPU, with the flags given. The base picked without
     torch (--help, the early flag checks) is checked against the device torch decides: a driver it cannot use (a CPU
@@ -170,8 +183,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                            "frame waits for, in ms; 400 = 10 frames) within MS whose sessions (--max-sessions, or 1) "
                            "render in real time here; the log prints the choice. Latency for one session, capacity "
                            "for many: a smaller target admits fewer. Default: the preset's layout (10 frames)")
-    live.add_argument("--start-margin", type=float, default=0.25,
-                      help="playout delay after the first frame, absorbs render jitter (seconds, default 0.25)")
+    _add_start_margin(live)
     add_model_flags(p)
     add_settings_flags(p, base, name)
     p.set_defaults(func=cmd_serve)
@@ -182,9 +194,8 @@ def cmd_serve(args) -> int:
     """Load the models and the avatar once, then serve until Ctrl-C."""
     from engine.extras import require_extra
 
-    # 1. the flags, before anything heavy is imported (the settings are checked against the base this machine gets)
-    check_model_flags(args)
-    settings_from(args, live_settings(args.device)[1])
+    # 1. the flags, before anything heavy is imported
+    _check_live_flags(args)
     # 2. the optional live stack (and the microphone's), before a model is loaded: one line naming the extra
     require_extra("serve")
     if args.mic:
@@ -322,8 +333,7 @@ def add_live_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--duration", type=_seconds, metavar="S", help="stop after S seconds (default: Ctrl-C)")
     run.add_argument("--exit-when-done", action="store_true",
                      help="stop once the text (--say-file, stdin until it closes) has been said and played")
-    run.add_argument("--start-margin", type=float, default=0.25,
-                     help="playout delay after the first frame, absorbs render jitter (seconds, default 0.25)")
+    _add_start_margin(run)
     av = p.add_argument_group("avatar")
     av.add_argument("--image", type=Path, help="reference image of the person (default: the bundled portrait)")
     av.add_argument("--init-pose", type=Path, help="initial pose of the reference image (134, 3) .npz/.npy/.json")
@@ -341,8 +351,7 @@ def cmd_live(args) -> int:
     from .live import LiveOptions, OutputError, open_outputs
 
     # 1. what is asked for, and the extras it needs, before anything is opened or loaded
-    check_model_flags(args)
-    settings_from(args, live_settings(args.device)[1])  # every value in range (the run's settings come later)
+    _check_live_flags(args)
     if args.no_camera and not args.preview:
         raise CLIError("--no-camera needs --preview: the avatar must go somewhere")
     modules = (["pyvirtualcam"] if not args.no_camera else []) + (
