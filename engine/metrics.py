@@ -186,7 +186,7 @@ class RunMetrics:
         if stage == "stage1":
             self._window_done[index] = end
         elif stage == "stage2":
-            out = getattr(out, "result", out)  # the StageIIResult (the chunk stage pairs it with its resume point)
+            out = out.result  # the StageIIResult of Stage II's RenderedChunk
             newest = getattr(out, "newest_frame", None)  # a rolling call emits older frames than it reads
             last = newest if newest is not None else out.first_frame + max(out.emit_to, 1) - 1  # last real frame
             self._chunks[index] = {"frame": out.first_frame + out.emit_from, "last": last, "stage2": end}
@@ -266,7 +266,7 @@ def budget_percentiles(entries: List[LatencyEntry]) -> Dict[str, Dict[str, float
 
 def describe(out: Any) -> Tuple[int, int]:
     """(index, frames) of a stage output: a PoseWindow (window number), a StageIIResult (alone or as the ``result``
-    of the runner's Stage II output) or a FrameBatch (chunk number)."""
+    of Stage II's RenderedChunk) or a FrameBatch (chunk number)."""
     out = getattr(out, "result", out)
     if hasattr(out, "emit_to"):  # StageIIResult: the chunk's new frames
         return int(out.index), int(out.emit_to - out.emit_from)

@@ -1,4 +1,4 @@
-"""Stage II under the rolling schedule (``--schedule rolling``): PoseWindows -> rolling calls -> StageIIResults.
+"""Stage II under the rolling schedule (``--schedule rolling``): PoseWindows -> rolling calls -> RenderedChunks.
 
 engine/rolling_plan.py plans the calls; mmgt.pipeline.render_rolling runs one. This stage keeps, between calls, the
 latents of the groups still in flight and the conditions of the frames the next call reads, and hands the decode
@@ -18,7 +18,7 @@ import torch
 from mmgt import pipeline as P
 
 from .rolling_plan import RollingCall, StreamRollingPlanner, group_size
-from .types import PoseWindow
+from .types import PoseWindow, RenderedChunk
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +40,18 @@ class RollingRenderStage:
         log.info("rolling schedule: %d steps x %d frames per denoiser call, %d new frames per call", runner.steps,
                  self.group, self.group)
 
-    def __call__(self, pw: PoseWindow) -> Iterator[P.StageIIResult]:
+    def __call__(self, pw: PoseWindow) -> Iterator[RenderedChunk]:
         with self.after(pw.ready, pw.audio_tokens):
             self.store.push(pw)
         for call in self.planner.push(pw.n_frames):
             yield from self._render(call)
 
-    def flush(self) -> Iterator[P.StageIIResult]:
+    def flush(self) -> Iterator[RenderedChunk]:
         for call in self.planner.finish():
             yield from self._render(call)
 
     @torch.no_grad()
-    def _render(self, call: RollingCall) -> Iterator[P.StageIIResult]:
+    def _render(self, call: RollingCall) -> Iterator[RenderedChunk]:
         r, s = self.runner, self.runner.settings
         # warm-up slots read frame 0's conditions, tail slots the newest frame's (the store repeats its ends)
         frames, masks, tokens = self.store.take(call.start, call.n_frames)
@@ -64,7 +64,8 @@ class RollingRenderStage:
         self.carried = result.latents[:, :, call.group_size:]
         self.store.drop_before(call.start + call.group_size)  # the next call starts one group later
         if end > first:  # warm-up calls leave nothing to decode
-            yield dataclasses.replace(result, ready=self.event())  # decode waits for this
+            # decode waits for the event; a rolling call keeps no resume point (a rolling render resumes from its start)
+            yield RenderedChunk(dataclasses.replace(result, ready=self.event()))
 
 
 __all__ = ["RollingRenderStage"]

@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ from .rolling_plan import group_size
 from .scheduler import (RenderChunk, StreamChunkPlanner, StreamPlanner, Window, crossfade_weights, frames_for_samples,
                         plan_windows)
 from .settings import OFFLINE, RenderSettings
-from .types import AudioChunk, FrameBatch, FrameSink, PoseState, PoseWindow, ResumePoint, RunMeta
+from .types import AudioChunk, FrameBatch, FrameSink, PoseState, PoseWindow, RenderedChunk, ResumePoint, RunMeta
 from .workers import chain, close_all
 
 log = logging.getLogger(__name__)
@@ -344,14 +344,13 @@ class Runner:
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     @torch.no_grad()
-    def _decode(self, rendered: "_Rendered", metrics: RunMetrics) -> Iterator[FrameBatch]:
+    def _decode(self, rendered: RenderedChunk, metrics: RunMetrics) -> Iterator[FrameBatch]:
         """Decode: the new frames of a denoised chunk -> a FrameBatch (its host copy syncs this stage's stream only)."""
-        # the rolling stage's results carry no resume point (a rolling render resumes from its start)
-        result, resume = (rendered.result, rendered.resume) if isinstance(rendered, _Rendered) else (rendered, None)
+        result = rendered.result
         with _after(result.ready, result.latents), metrics.gpu_span("decode"):
             frames = P.decode(self.models, result.new_latents)  # (n_new, R, R, 3) uint8
         yield FrameBatch(frames=frames, first_frame=result.first_frame + result.emit_from, fps=FPS, index=result.index,
-                         resume=resume)
+                         resume=rendered.resume)
 
     # ------------------------------------------------------------------------------------------------------------
     def warm_up(self) -> float:
@@ -453,13 +452,6 @@ class _PoseStage:
                           ready=_cuda_event() if cuda else None, before=before)
 
 
-class _Rendered(NamedTuple):
-    """Stage II's output for one chunk: the denoised chunk, and the point to continue from after its frames."""
-
-    result: P.StageIIResult
-    resume: ResumePoint
-
-
 class _RenderStage:
     """Stage II of one run: PoseWindows -> fixed-size render chunks -> denoised chunks (``flush`` renders the padded
     tail at the end of the stream). Keeps the frames the next chunk needs and the overlap latents."""
@@ -476,18 +468,18 @@ class _RenderStage:
         if start is not None and start.known is not None:
             self.known = torch.as_tensor(start.known).to(runner.models.device, runner.models.dtype)
 
-    def __call__(self, pw: PoseWindow) -> Iterator[_Rendered]:
+    def __call__(self, pw: PoseWindow) -> Iterator[RenderedChunk]:
         with _after(pw.ready, pw.audio_tokens):
             self.store.push(pw)
         for chunk in self.planner.push(pw.n_frames):
             yield self._render(chunk)
 
-    def flush(self) -> Iterator[_Rendered]:
+    def flush(self) -> Iterator[RenderedChunk]:
         for chunk in self.planner.finish():
             yield self._render(chunk)
 
     @torch.no_grad()
-    def _render(self, chunk: RenderChunk) -> _Rendered:
+    def _render(self, chunk: RenderChunk) -> RenderedChunk:
         r, s = self.runner, self.runner.settings
         frames, masks, tokens = self.store.take(chunk.start, chunk.n_frames)  # padded past the newest frame
         work = P.StageIIChunk(index=chunk.index, first_frame=chunk.start, pose_frames=frames, masks=masks,
@@ -501,7 +493,7 @@ class _RenderStage:
                              pose=self.store.pose_state_at(following), known=self.known)
         self.store.drop_before(following)
         cuda = torch.device(r.models.device).type == "cuda"
-        return _Rendered(dataclasses.replace(result, ready=_cuda_event() if cuda else None), resume)  # decode waits
+        return RenderedChunk(dataclasses.replace(result, ready=_cuda_event() if cuda else None), resume)  # decode waits
 
 
 def probe_sessions(models: P.ModelSet, avatar: P.Avatar, settings: RenderSettings, sessions: int,

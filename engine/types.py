@@ -9,7 +9,7 @@ handing them on. ``eq=False`` because element-wise array equality has no single 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 
@@ -162,6 +162,14 @@ class ResumePoint:
                              f"{self.pose.window}")
 
 
+class RenderedChunk(NamedTuple):
+    """Stage II's output, what decode takes: the denoised chunk, and the point to continue from after its frames
+    (None where the schedule keeps none: a rolling render resumes from its start)."""
+
+    result: Any  # mmgt.pipeline.StageIIResult
+    resume: Optional[ResumePoint] = None
+
+
 @dataclass(frozen=True)
 class RunMeta:
     """What a sink needs to know before the first frame: clocks, size, and what model made the frames."""
@@ -207,5 +215,5 @@ class FrameSink(Protocol):
     def close(self, ok: bool) -> None: ...
 
 
-__all__ = ["AudioChunk", "PoseWindow", "FrameBatch", "PoseState", "ResumePoint", "RunMeta", "FrameSink", "FPS",
+__all__ = ["AudioChunk", "PoseWindow", "FrameBatch", "PoseState", "ResumePoint", "RenderedChunk", "RunMeta", "FrameSink", "FPS",
            "SAMPLE_RATE", "N_KEYPOINTS"]
