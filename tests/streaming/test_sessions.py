@@ -63,10 +63,13 @@ def test_default_max_sessions_admits_only_what_it_serves(warm_models, loopback_i
              "(arrival), %s new pictures/s", n, _rounded(engine), _rounded(live), [round(r["fps"], 1) for r in results],
              [round(r["fresh_fps"], 1) for r in results])
     assert "server is full" in refused and "measured at start-up" in refused, refused
-    # the measurement: n rendered 1.2 x 25 fps per session flat out and sent 24.5 fresh fps live; n + 1 fell short
-    # in one of the two (or the probe's limit was reached)
-    assert min(engine[n]) >= 1.2 * 25 and (n == 1 or min(live[n]) >= LIVE_FPS), (engine, live)
-    assert n + 1 not in engine or min(engine[n + 1]) < 1.2 * 25 or min(live[n + 1]) < LIVE_FPS, (engine, live)
+    # the measurement: the engine rendered 1.2 x 25 fps per session flat out for n or more sessions (the live check
+    # may lower the engine's count: then n itself was measured live only), n sent 24.5 fresh fps live; n + 1 fell
+    # short in one of the two
+    held = [k for k, rates in engine.items() if min(rates) >= 1.2 * 25]
+    assert held and max(held) >= n and (n == 1 or min(live[n]) >= LIVE_FPS), (engine, live)
+    assert (n + 1 in engine and min(engine[n + 1]) < 1.2 * 25) or (n + 1 in live and min(live[n + 1]) < LIVE_FPS), \
+        (engine, live)
     for r in results:
         assert r["frames"] >= seconds * 25 * 0.9, results
         assert r["fps"] >= REAL_TIME and r["fresh_fps"] >= REAL_TIME, results
