@@ -34,6 +34,8 @@ LEVELS = (64, 32, 16, 8)  # MM-HAA mask sides for down blocks 0..3 at 512 px
 FACE_KERNEL = 31  # Gaussian kernels of the reference, sized for the 64 x 64 first level
 LIP_KERNEL = 21
 REFERENCE_FIRST_LEVEL = 64
+MASK_BLOCK = 8  # frames whose 512 x 512 boxes are drawn at once: a whole window at once (~20 MB per array, six
+# of them) was a transient of ~130 MB that an hours-long render saw as memory swinging by as much
 
 
 def _check(kps_unit: np.ndarray) -> np.ndarray:
@@ -120,9 +122,18 @@ def motion_masks(kps_unit: np.ndarray, levels: Sequence[int] = LEVELS, size: int
     Kernels default to the reference's 31 (face) and 21 (lips) at a 64 first level, scaled for other first levels
     (e.g. the tiny preset's 8) so the blur keeps its relative extent.
     """
-    boxes = box_masks(kps_unit, size, score_threshold)
     face_kernel = face_kernel or scaled_kernel(FACE_KERNEL, int(levels[0]))
     lip_kernel = lip_kernel or scaled_kernel(LIP_KERNEL, int(levels[0]))
+    kps = np.asarray(kps_unit)
+    blocks = [_motion_masks_block(kps[i:i + MASK_BLOCK], levels, size, face_kernel, lip_kernel, score_threshold)
+              for i in range(0, max(len(kps), 1), MASK_BLOCK)]
+    return tuple(np.concatenate(level, axis=0) for level in zip(*blocks))  # per level (F, 3, side^2)
+
+
+def _motion_masks_block(kps_unit: np.ndarray, levels: Sequence[int], size: int, face_kernel: int, lip_kernel: int,
+                        score_threshold: float) -> Tuple[np.ndarray, ...]:
+    """motion_masks for a block of at most MASK_BLOCK frames."""
+    boxes = box_masks(kps_unit, size, score_threshold)  # uint8 (B, size, size) each
     face = mask_levels(boxes["face_hands"], face_kernel, levels)
     lip = mask_levels(boxes["lips"], lip_kernel, levels)
     out = []

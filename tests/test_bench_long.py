@@ -17,9 +17,15 @@ def test_minute_times_interpolate_between_saves():
 def test_verdicts_flag_growth_and_nonlinear_time():
     flat = [{"t": t, "rss_mb": 900.0 + (5 if t % 2 else 0), "frames": 100 * t} for t in range(100)]
     growing = [{"t": t, "rss_mb": 900.0 + t, "frames": 100 * t} for t in range(100)]
+    # buffers allocated and freed: 100 MB swings every few seconds, the same highs each minute
+    sawtooth = [{"t": t, "rss_mb": 900.0 - (100 if t % 7 == 0 else 0), "frames": 100 * t} for t in range(100)]
     assert B.verdicts(flat, [40, 30, 30, 30])["memory"]["flat"] is True
+    saw = B.verdicts(sawtooth, [40, 30, 30, 30])["memory"]
+    assert saw["flat"] is True and saw["growth_mb"] == 0.0 and min(saw["rss_trough_per_minute_mb"]) == 800.0
     v = B.verdicts(growing, [40, 30, 30, 30])
-    assert v["memory"]["flat"] is False and v["memory"]["growth_mb"] == pytest.approx(84.0)
+    # the second minute of audio (frames 1500-2999: t 15-29) peaks at 929, the last sample is 999
+    assert v["memory"]["flat"] is False and v["memory"]["growth_mb"] == pytest.approx(70.0)
+    assert v["memory"]["rss_peak_per_minute_mb"] == [929.0, 944.0, 959.0, 974.0, 989.0, 999.0]
     assert v["time"]["fit_r2"] > 0.99 and v["time"]["seconds_per_minute_mean"] == pytest.approx(30.0)
     slower = B.verdicts(flat, [40, 30, 35, 40, 45, 50, 55])["time"]
     assert slower["last_over_first"] > 1.3

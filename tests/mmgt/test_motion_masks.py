@@ -206,3 +206,29 @@ def test_bad_inputs_name_the_problem():
         mask_levels(np.zeros((1, 8, 8), np.float32), 3)
     with pytest.raises(ValueError, match="odd"):
         mask_levels(np.zeros((1, 8, 8), np.uint8), 4)
+
+
+def test_a_window_of_masks_is_drawn_in_small_blocks_with_the_same_result():
+    """An 80-frame window gives the masks of its frames drawn one by one, and drawing it allocates a few blocks'
+    worth of 512 x 512 boxes, not the whole window's (~20 MB per array: long renders swung by ~130 MB)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    kps = blank(80)
+    for f in range(80):  # a face and lips that move from frame to frame
+        x, y = rng.uniform(0.2, 0.6, 2)
+        put(kps, f, 24, x, y)
+        put(kps, f, 40, x + 0.2, y + 0.25)
+        put(kps, f, 72, x + 0.08, y + 0.15)
+        put(kps, f, 80, x + 0.14, y + 0.2)
+    tracemalloc.start()
+    try:
+        layout = motion_masks(kps)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    one_by_one = [motion_masks(kps[f:f + 1]) for f in range(80)]
+    for i, level in enumerate(layout):
+        assert np.array_equal(level, np.concatenate([m[i] for m in one_by_one]))
+    result = sum(level.nbytes for level in layout)  # the arrays returned (~5 MB)
+    assert peak - result < 30 * 2 ** 20, (peak, result)
